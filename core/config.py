@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from core.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key or value is wrong; the message names the key and how to fix it."""
 
 
@@ -42,6 +44,7 @@ def optional_integer(minimum: int) -> Check:
 
 def number(minimum: float, strict: bool = False) -> Check:
     def check(key: str, value: Any) -> float:
+        value = _yaml11_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         if value < minimum or (strict and value == minimum):
@@ -50,6 +53,16 @@ def number(minimum: float, strict: bool = False) -> Check:
         return float(value)
 
     return check
+
+
+def _yaml11_float(value: Any) -> Any:
+    """YAML 1.1 reads '1e-3' (no dot) as a string; users mean the number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def fraction(key: str, value: Any) -> float:

@@ -8,6 +8,7 @@ binarised once, with a fixed seed, so every model is scored on the same binary v
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,18 +16,20 @@ from pathlib import Path
 
 import torch
 
-from core.rbm import bernoulli
+from core.errors import UserError
+from core.rbm import bernoulli, bernoulli_fast
 
 ENV_VAR = "MNIST_ROOT"
 DEFAULT_ROOT = Path("data")
 EVAL_BINARIZE_SEED = 1234
+_CHUNK_VALUES = 1 << 22  # minibatches binarised together: ~16 MB of float32, cache-sized
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
 
-class DataNotFound(FileNotFoundError):
+class DataNotFound(UserError, FileNotFoundError):
     """MNIST is neither on disk nor downloadable; the message says where we looked."""
 
 
@@ -145,7 +148,16 @@ def binarize_once(x: torch.Tensor, seed: int = EVAL_BINARIZE_SEED) -> torch.Tens
 def minibatches(
     x: torch.Tensor, batch_size: int, generator: torch.Generator
 ) -> Iterator[torch.Tensor]:
-    """Shuffled minibatches of grey values, freshly binarised; the last partial batch is kept."""
+    """Shuffled minibatches of grey values, freshly binarised; the last partial batch is kept.
+
+    Rows are gathered and binarised a chunk of many minibatches at a time (one `index_select`,
+    one `bernoulli_fast`) instead of per minibatch: the same samples in distribution, a handful of
+    large ops in place of thousands of small ones. Each chunk is a new tensor, so a minibatch (a
+    view into it) stays valid after the next one is drawn.
+    """
     order = torch.randperm(x.shape[0], generator=generator, device=generator.device)
-    for start in range(0, x.shape[0], batch_size):
-        yield bernoulli(x[order[start : start + batch_size]], generator)
+    chunk = max(1, _CHUNK_VALUES // (batch_size * math.prod(x.shape[1:]) or 1)) * batch_size
+    for chunk_start in range(0, x.shape[0], chunk):
+        rows = order[chunk_start : chunk_start + chunk].to(x.device)
+        v = bernoulli_fast(x.index_select(0, rows), generator)
+        yield from v.split(batch_size)

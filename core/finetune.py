@@ -1,0 +1,133 @@
+"""Generative fine-tuning of a two-layer DBN with the up-down algorithm (contrastive wake-sleep).
+
+Hinton, Osindero and Teh (2006), "A fast learning algorithm for deep belief nets", appendix B;
+LAB.md task 3. The weights below the top RBM are untied into recognition weights R (v -> h1, with
+the recognition bias of h1) and generative weights G (h1 -> v, with the visible bias), both
+starting from the first RBM's W. The top RBM (h1 <-> h2) keeps tied weights. Per minibatch v:
+
+    wake:   h1 ~ sigmoid(v R + b_rec);  pv = sigmoid(h1 G + a)
+            dG = h1' (v - pv) / N,   da = mean(v - pv)
+    top:    CD-k in the top RBM started from the wake h1 (updates exactly as in task 1);
+            its last negative-phase state h1_neg starts the sleep pass
+    sleep:  v_s ~ sigmoid(h1_neg G + a);  ph1 = sigmoid(v_s R + b_rec)
+            dR = v_s' (h1_neg - ph1) / N,   db_rec = mean(h1_neg - ph1)
+
+All three parts use the parameters as they were at the start of the minibatch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from core.data import minibatches
+from core.dbn import DBN
+from core.rbm import RBM, bernoulli
+from core.train import CDSettings, CDTrainer, EpochCallback
+
+
+@dataclass
+class UpDownDBN:
+    """A two-layer DBN with untied recognition (R, b_rec) and generative (G, a) weights."""
+
+    R: torch.Tensor  # [V, H1] recognition weights, v -> h1
+    b_rec: torch.Tensor  # [H1] recognition bias of h1 (the lab file's h1_up)
+    G: torch.Tensor  # [H1, V] generative weights, h1 -> v (the lab file's W1_down)
+    a: torch.Tensor  # [V] visible bias
+    top: RBM  # h1 <-> h2; top.a is h1's bias in the top RBM (h1_down), top.b is h2's
+
+    @classmethod
+    def from_dbn(cls, dbn: DBN) -> UpDownDBN:
+        if len(dbn.layers) != 2:
+            raise ValueError("up-down fine-tuning here is for a DBN of two RBMs")
+        bottom = dbn.layers[0]
+        return cls(bottom.W.clone(), bottom.b.clone(), bottom.W.T.clone(), bottom.a.clone(), dbn.top.clone())
+
+    def p_h1(self, v: torch.Tensor) -> torch.Tensor:
+        """Recognition: Q(h1 = 1 | v)."""
+        return torch.sigmoid(torch.addmm(self.b_rec, v, self.R))
+
+    def p_v(self, h1: torch.Tensor) -> torch.Tensor:
+        """Generation: p(v = 1 | h1)."""
+        return torch.sigmoid(torch.addmm(self.a, h1, self.G))
+
+    def reconstruct(
+        self, v: torch.Tensor, gibbs_steps: int = 1, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recognition up, `gibbs_steps` Gibbs rounds in the top RBM, generation down."""
+        h1 = bernoulli(self.p_h1(v), generator)
+        h2 = bernoulli(self.top.p_h(h1), generator)
+        return self.generate(h2, gibbs_steps, generator)
+
+    def generate(
+        self, h2: torch.Tensor, gibbs_steps: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`gibbs_steps` (>= 0) Gibbs rounds in the top RBM from h2, then p(v=1|h1)."""
+        if gibbs_steps > 0:
+            _, _, h2 = self.top.gibbs_from_hidden(h2, gibbs_steps, generator)
+        h1 = bernoulli(self.top.p_v(h2), generator)
+        return self.p_v(h1), h2
+
+
+def up_down_epoch(
+    model: UpDownDBN, data: torch.Tensor, settings: CDSettings, generator: torch.Generator
+) -> dict[str, float]:
+    """One epoch of up-down over grey-valued `data`; updates `model` in place."""
+    start = time.perf_counter()
+    lr = settings.learning_rate
+    top_trainer = CDTrainer(model.top, CDSettings(cd_k=settings.cd_k, learning_rate=lr), generator)
+    wake_error, sleep_error, batches = 0.0, 0.0, 0
+    for v in minibatches(data, settings.batch_size, generator):
+        n = v.shape[0]
+        # wake: recognise, then see how well the generative weights predict the data
+        h1 = bernoulli(model.p_h1(v), generator)
+        pv = model.p_v(h1)
+        grad_G = h1.T @ (v - pv)
+        grad_a = (v - pv).sum(dim=0)
+
+        # top: CD-k from the wake state; the top RBM's own update touches nothing used below
+        top_trainer.step(h1)
+        h1_neg = top_trainer.last_negative
+
+        # sleep: dream from the generative model, see how well recognition inverts the dream
+        v_s = bernoulli(model.p_v(h1_neg), generator)
+        ph1 = model.p_h1(v_s)
+        grad_R = v_s.T @ (h1_neg - ph1)
+        grad_b_rec = (h1_neg - ph1).sum(dim=0)
+
+        model.G.add_(grad_G, alpha=lr / n)
+        model.a.add_(grad_a, alpha=lr / n)
+        model.R.add_(grad_R, alpha=lr / n)
+        model.b_rec.add_(grad_b_rec, alpha=lr / n)
+
+        wake_error += float(((v - pv) ** 2).sum()) / n
+        sleep_error += float(((h1_neg - ph1) ** 2).sum()) / n
+        batches += 1
+    if not all(torch.isfinite(t).all() for t in (model.R, model.G, model.top.W)):
+        raise FloatingPointError("fine-tuning diverged: weights hold NaN or inf (lower finetune.learning_rate)")
+    return {
+        "train_recon_error": wake_error / max(batches, 1),
+        "sleep_recognition_error": sleep_error / max(batches, 1),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def fine_tune(
+    dbn: DBN,
+    data: torch.Tensor,
+    settings: CDSettings,
+    generator: torch.Generator,
+    on_epoch: EpochCallback | None = None,
+    epoch_metrics=None,
+) -> UpDownDBN:
+    """Untie a two-layer DBN and fine-tune it with up-down for `settings.epochs` epochs."""
+    model = UpDownDBN.from_dbn(dbn)
+    for epoch in range(1, settings.epochs + 1):
+        metrics = up_down_epoch(model, data, settings, generator)
+        if epoch_metrics is not None:
+            metrics.update(epoch_metrics(model))
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    return model

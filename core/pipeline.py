@@ -1,0 +1,217 @@
+"""The three lab tasks end to end: train the RBM, stack the DBN, fine-tune it, measure each.
+
+This is one trial of a study and the whole of `rbm-study run`:
+
+    task 1   RBM 784-H trained with CD-k / PCD-k on freshly binarised minibatches
+    task 2   a second RBM on samples of the first one's hidden units (greedy DBN)
+    task 3   the DBN untied and fine-tuned with up-down (skipped when finetune.epochs = 0)
+
+After each stage the model is scored on the validation and test sets, binarised once with a fixed
+seed: log-likelihood (exact when a layer is small, else AIS) or the DBN's variational lower bound,
+reconstruction error, pseudo-log-likelihood and the free-energy gap. Final metrics are one flat
+dict with dotted names (`rbm.val.log_likelihood`, `final.test.log_likelihood`, ...); per-epoch
+metrics go to `on_epoch(stage, epoch, metrics)` as they happen.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from core import evaluate, labfiles
+from core.data import MNIST, binarize_once, load_mnist
+from core.dbn import DBN, mean_activity, train_dbn_layer
+from core.finetune import UpDownDBN, fine_tune
+from core.rbm import RBM, visible_bias_from_means
+from core.train import CDSettings, train_rbm
+
+STAGES = ("rbm", "dbn", "finetune")
+StageEpochCallback = Callable[[str, int, dict[str, float]], None]
+EPOCH_EVAL_ROWS = 1000  # rows of the validation set scored after every epoch (cheap signals)
+
+
+@dataclass
+class LabResult:
+    rbm: RBM
+    dbn: DBN
+    finetuned: UpDownDBN | None
+    metrics: dict[str, float]
+    seconds: float
+
+    def models(self) -> dict[str, labfiles.Model]:
+        found = {"rbm": self.rbm, "dbn": self.dbn, "finetune": self.finetuned}
+        return {stage: model for stage, model in found.items() if model is not None}
+
+    def weight_files(self) -> dict[str, bytes]:
+        """The lab's weight files as bytes, by file name."""
+        return {labfiles.FILE_NAMES[stage]: labfiles.to_bytes(m) for stage, m in self.models().items()}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from core.errors import UserError
+
+        raise UserError("device cuda asked for but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+@dataclass
+class _EvalSets:
+    """The binary vectors every model is scored on, and what AIS needs from the training data."""
+
+    train: torch.Tensor  # grey values
+    val: torch.Tensor  # binary, fixed
+    test: torch.Tensor  # binary, fixed
+    train_sample: torch.Tensor  # binary, fixed, as many rows as val: for the free-energy gap
+
+    @classmethod
+    def build(cls, data: MNIST, size: int | None) -> _EvalSets:
+        val, test = data.val[:size], data.test[:size]
+        return cls(
+            train=data.train,
+            val=binarize_once(val),
+            test=binarize_once(test, seed=4321),
+            train_sample=binarize_once(data.train[: val.shape[0]], seed=2468),
+        )
+
+
+def run_lab(
+    config: dict,
+    on_epoch: StageEpochCallback | None = None,
+    data: MNIST | None = None,
+    progress: bool = False,
+) -> LabResult:
+    """Run tasks 1-3 with a validated config (see `core.config.LAB_KEYS`)."""
+    started = time.perf_counter()
+    device = resolve_device(config["device"])
+    generator = torch.Generator(device=device).manual_seed(config["seed"])
+    d, r, s, f, e = (config[k] for k in ("data", "rbm", "dbn", "finetune", "eval"))
+    if data is None:
+        data = load_mnist(d["root"], device, d["val_size"], d["subset"])
+    sets = _EvalSets.build(data, e["size"])
+    total_epochs = r["epochs"] + s["epochs"] + f["epochs"]
+    bar = tqdm(total=total_epochs, disable=not progress, unit="epoch", dynamic_ncols=True)
+    metrics: dict[str, float] = {"eval.ais_chains": e["ais_chains"], "eval.ais_betas": e["ais_betas"]}
+
+    def report(stage: str) -> Callable[[int, dict[str, float]], None]:
+        def callback(epoch: int, values: dict[str, float]) -> None:
+            bar.update(1)
+            bar.set_postfix_str(f"{stage} {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+            if on_epoch is not None:
+                on_epoch(stage, epoch, values)
+
+        return callback
+
+    def ais(model: RBM, base_bias: torch.Tensor) -> evaluate.LogZEstimate:
+        bar.set_postfix_str("estimating log Z")
+        return evaluate.log_z(
+            model, "auto", base_visible_bias=base_bias, chains=e["ais_chains"], betas=e["ais_betas"],
+            generator=generator,
+        )
+
+    # --- task 1: the RBM ----------------------------------------------------------------------
+    pixel_bias = visible_bias_from_means(data.train.mean(dim=0))
+    rbm = RBM.init(784, r["hidden_size"], generator=generator, device=device, visible_bias=pixel_bias)
+    rbm_settings = CDSettings(
+        cd_k=r["cd_k"], persistent=r["persistent"], learning_rate=r["learning_rate"], epochs=r["epochs"],
+        batch_size=r["batch_size"], momentum=r["momentum"], weight_decay=r["weight_decay"],
+    )
+    epoch_log: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    train_rbm(rbm, data.train, rbm_settings, generator, _timed(report("rbm"), epoch_log["rbm"]),
+              epoch_metrics=lambda m: _rbm_epoch_metrics(m, sets, generator))
+    metrics.update(_score_rbm(rbm, sets, ais(rbm, pixel_bias), generator))
+
+    # --- task 2: the DBN ----------------------------------------------------------------------
+    dbn_settings = CDSettings(
+        cd_k=s["cd_k"], learning_rate=s["learning_rate"], epochs=s["epochs"], batch_size=r["batch_size"]
+    )
+    top = train_dbn_layer([rbm], s["hidden_size"], data.train, dbn_settings, generator,
+                          _timed(report("dbn"), epoch_log["dbn"]))
+    dbn = DBN([rbm.clone(), top])
+    h1_bias = visible_bias_from_means(mean_activity([rbm], data.train))
+    top_estimate = ais(dbn.top, h1_bias)
+    metrics.update(_score_dbn("dbn", _untied(dbn), sets, top_estimate, generator))
+
+    # --- task 3: up-down fine-tuning -----------------------------------------------------------
+    finetuned = None
+    if f["epochs"] > 0:
+        ft_settings = CDSettings(
+            cd_k=f["cd_k"], learning_rate=f["learning_rate"], epochs=f["epochs"], batch_size=r["batch_size"]
+        )
+        finetuned = fine_tune(dbn, data.train, ft_settings, generator, _timed(report("finetune"), epoch_log["finetune"]))
+        ft_estimate = ais(finetuned.top, h1_bias)
+        metrics.update(_score_dbn("finetune", finetuned, sets, ft_estimate, generator))
+
+    for stage, seconds in epoch_log.items():
+        if seconds:
+            metrics[f"{stage}.seconds_per_epoch"] = statistics.median(seconds)
+    last = "finetune" if finetuned is not None else "dbn"
+    for split in ("val", "test"):
+        metrics[f"final.{split}.log_likelihood"] = metrics[f"{last}.{split}.log_likelihood"]
+    bar.close()
+    return LabResult(rbm, dbn, finetuned, metrics, time.perf_counter() - started)
+
+
+def _timed(callback: Callable[[int, dict[str, float]], None], seconds: list[float]):
+    """Remember each epoch's training seconds for the stage's median."""
+    def wrapped(epoch: int, values: dict[str, float]) -> None:
+        seconds.append(values["seconds"])
+        callback(epoch, values)
+
+    return wrapped
+
+
+def _rbm_epoch_metrics(rbm: RBM, sets: _EvalSets, generator: torch.Generator) -> dict[str, float]:
+    val = sets.val[:EPOCH_EVAL_ROWS]
+    return {
+        "val_recon_error": evaluate.reconstruction_error(rbm, val, generator),
+        "val_pseudo_log_likelihood": evaluate.pseudo_log_likelihood(rbm, val, generator),
+        "free_energy_gap": evaluate.free_energy_gap(rbm, sets.train_sample[:EPOCH_EVAL_ROWS], val),
+    }
+
+
+def _score_rbm(
+    rbm: RBM, sets: _EvalSets, estimate: evaluate.LogZEstimate, generator: torch.Generator
+) -> dict[str, float]:
+    out = _log_z_metrics("rbm", estimate)
+    for split, v in (("val", sets.val), ("test", sets.test)):
+        out[f"rbm.{split}.log_likelihood"] = evaluate.mean_log_likelihood(rbm, v, estimate.log_z)
+        out[f"rbm.{split}.recon_error"] = evaluate.reconstruction_error(rbm, v, generator)
+        out[f"rbm.{split}.pseudo_log_likelihood"] = evaluate.pseudo_log_likelihood(rbm, v, generator)
+    out["rbm.free_energy_gap"] = evaluate.free_energy_gap(rbm, sets.train_sample, sets.val)
+    return out
+
+
+def _score_dbn(
+    stage: str, model: UpDownDBN, sets: _EvalSets, estimate: evaluate.LogZEstimate, generator: torch.Generator
+) -> dict[str, float]:
+    out = _log_z_metrics(stage, estimate)
+    parts = (model.R, model.b_rec, model.G, model.a, model.top)
+    for split, v in (("val", sets.val), ("test", sets.test)):
+        out[f"{stage}.{split}.log_likelihood"] = evaluate.dbn_lower_bound(
+            v, *parts, top_log_z=estimate.log_z, generator=generator
+        )
+        out[f"{stage}.{split}.recon_error"] = evaluate.dbn_reconstruction_error(v, *parts, generator=generator)
+    return out
+
+
+def _log_z_metrics(stage: str, estimate: evaluate.LogZEstimate) -> dict[str, float]:
+    return {
+        f"{stage}.log_z": estimate.log_z,
+        f"{stage}.log_z_low": estimate.low,
+        f"{stage}.log_z_high": estimate.high,
+        f"{stage}.log_z_exact": float(estimate.method == "exact"),
+    }
+
+
+def _untied(dbn: DBN) -> UpDownDBN:
+    """A task-2 DBN seen as recognition/generative weights: R = W1, G = W1', b_rec = h1_up."""
+    return UpDownDBN.from_dbn(dbn)
+

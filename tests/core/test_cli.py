@@ -1,0 +1,66 @@
+"""`rbm-study run` and `rbm-study evaluate` as a user runs them (real processes, real MNIST)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import TINY
+
+
+def rbm_study(*args: str, env_root: str | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ)
+    if env_root:
+        env["MNIST_ROOT"] = env_root
+    return subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run_dir(mnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    sets = [a for s in TINY for a in ("--set", s)]
+    done = rbm_study("run", "configs/lab.yaml", "--out", str(out), "--data-dir", mnist_dir, *sets)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_run_writes_the_lab_files_and_metrics(run_dir):
+    assert {p.name for p in run_dir.iterdir()} == {"zad1_rbm.th", "zad2_dbn.th", "zad3_dbn_ft.th", "metrics.json"}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for stage in ("rbm", "dbn", "finetune"):
+        assert {"val", "test", "log_z", "seconds_per_epoch"} <= metrics[stage].keys()
+        assert {"log_likelihood", "recon_error"} <= metrics[stage]["test"].keys()
+    assert "pseudo_log_likelihood" in metrics["rbm"]["val"] and "free_energy_gap" in metrics["rbm"]
+
+
+@pytest.mark.parametrize(("name", "method"), [("zad1_rbm.th", "exact"), ("zad2_dbn.th", "ais"),
+                                                ("zad3_dbn_ft.th", "auto")])
+def test_evaluate_prints_the_estimate_last(run_dir, mnist_dir, name, method):
+    done = rbm_study("evaluate", str(run_dir / name), "--method", method, "--chains", "16", "--betas", "200",
+                     env_root=mnist_dir)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip().splitlines()[-1]
+    estimate = float(line.split()[-1])
+    assert -400 < estimate < 0, line
+    assert "log Z" in line and ("exact" in line if method == "exact" else True)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "configs/lab.yaml", "--out", "{tmp}", "--set", "rbm.cd_k=0"], "rbm.cd_k"),
+        (["run", "configs/lab.yaml", "--out", "{tmp}", "--set", "rbm.bogus=1"], "rbm.bogus"),
+        (["run", "configs/nope.yaml", "--out", "{tmp}"], "does not exist"),
+        (["run", "configs/lab.yaml", "--out", "{tmp}", "--data-dir", "{tmp}/no-mnist", "--set", "rbm.epochs=0"],
+         "MNIST not found"),
+        (["evaluate", "{tmp}/missing.th"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    done = rbm_study(*[a.format(tmp=tmp_path) for a in args])
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -1,0 +1,67 @@
+import pytest
+
+from core.config import LAB_KEYS, ConfigError, load_config, parse_override
+
+
+def test_defaults_are_the_lab_settings(tmp_path):
+    config = load_config(None)
+    assert config["rbm"] == {
+        "hidden_size": 100, "cd_k": 1, "persistent": False, "learning_rate": 0.1, "epochs": 100,
+        "batch_size": 100, "momentum": 0.0, "weight_decay": 0.0,
+    }
+    assert config["finetune"]["cd_k"] == 2 and config["finetune"]["learning_rate"] == 0.01
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rbm:\n  cd_k: 3\n  learning_rate: 0.05\n")
+    config = load_config(path, ["rbm.cd_k=5", "rbm.persistent=true", "data.subset=null"])
+    assert config["rbm"]["cd_k"] == 5 and config["rbm"]["learning_rate"] == 0.05
+    assert config["rbm"]["persistent"] is True and config["data"]["subset"] is None
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("rbm.cd_k=0", "rbm.cd_k"),
+        ("rbm.hidden_size=0", "rbm.hidden_size"),
+        ("dbn.hidden_size=-3", "dbn.hidden_size"),
+        ("rbm.learning_rate=0", "rbm.learning_rate"),
+        ("finetune.learning_rate=-0.1", "finetune.learning_rate"),
+        ("rbm.epochs=-1", "rbm.epochs"),
+        ("rbm.cd_k=two", "rbm.cd_k"),
+        ("rbm.momentum=1.5", "rbm.momentum"),
+        ("rbm.persistent=maybe", "rbm.persistent"),
+        ("rbm.cdk=2", "rbm.cdk"),
+        ("nonsense", "key=value"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rbm:\n  hiden_size: 3\n")
+    with pytest.raises(ConfigError, match="rbm.hiden_size"):
+        load_config(path)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rbm: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_finetune_epochs_zero_is_allowed():
+    assert load_config(None, ["finetune.epochs=0"])["finetune"]["epochs"] == 0
+
+
+def test_override_parsing():
+    assert load_config(None, ["rbm.learning_rate=1e-3"])["rbm"]["learning_rate"] == 0.001
+    assert parse_override("data.root=/x/y") == ("data.root", "/x/y")
+    assert set(LAB_KEYS.keys) >= {"rbm.cd_k", "eval.ais_betas", "finetune.epochs"}

@@ -1,0 +1,65 @@
+"""The core on real MNIST: training helps, AIS agrees with enumeration, the lab run is reproducible."""
+
+import pytest
+import torch
+
+from core import evaluate
+from core.config import load_config
+from core.data import binarize_once, load_mnist
+from core.pipeline import run_lab
+from core.rbm import RBM, visible_bias_from_means
+from core.train import CDSettings, train_rbm
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir):
+    return load_mnist(mnist_dir, subset=3000)
+
+
+def small_rbm(mnist, hidden: int, epochs: int, seed: int = 0) -> tuple[RBM, RBM]:
+    g = torch.Generator().manual_seed(seed)
+    initial = RBM.init(784, hidden, generator=g, visible_bias=visible_bias_from_means(mnist.train.mean(0)))
+    trained = train_rbm(initial.clone(), mnist.train, CDSettings(cd_k=1, learning_rate=0.1, epochs=epochs), g)
+    return initial, trained
+
+
+def test_training_improves_validation_log_likelihood(mnist):
+    initial, trained = small_rbm(mnist, hidden=16, epochs=4)
+    val = binarize_once(mnist.val[:1000])
+    ll = [evaluate.mean_log_likelihood(m, val, evaluate.exact_log_z(m)) for m in (initial, trained)]
+    assert ll[1] > ll[0] + 5, ll  # nats per image: the base-rate model is about -206 on MNIST
+
+
+@pytest.mark.slow
+def test_ais_agrees_with_enumeration_on_an_mnist_rbm(mnist):
+    _, rbm = small_rbm(mnist, hidden=18, epochs=3)
+    exact = evaluate.exact_log_z(rbm)
+    est = evaluate.ais_log_z(rbm, visible_bias_from_means(mnist.train.mean(0)), chains=100, betas=14_500,
+                             generator=torch.Generator().manual_seed(0))
+    assert abs(est.log_z - exact) < 0.5, (est, exact)
+    assert est.low <= exact + 0.5 and est.high >= exact - 0.5
+
+
+def test_lab_run_is_reproducible_and_complete(mnist):
+    config = load_config("configs/lab.yaml", [*TINY, "device=cpu"])
+    seen = []
+    one = run_lab(config, on_epoch=lambda stage, epoch, m: seen.append((stage, epoch)), data=mnist)
+    two = run_lab(config, data=mnist)
+    assert seen == [("rbm", 1), ("rbm", 2), ("dbn", 1), ("finetune", 1)]
+    assert torch.equal(one.rbm.W, two.rbm.W) and torch.equal(one.finetuned.R, two.finetuned.R)
+    for stage in ("rbm", "dbn", "finetune"):
+        for split in ("val", "test"):
+            assert one.metrics[f"{stage}.{split}.log_likelihood"] < 0
+            assert one.metrics[f"{stage}.{split}.recon_error"] > 0
+        assert one.metrics[f"{stage}.seconds_per_epoch"] > 0
+    assert one.metrics["rbm.log_z_exact"] == 1.0  # 16 hidden units: enumerated, not estimated
+    assert one.metrics["final.test.log_likelihood"] == one.metrics["finetune.test.log_likelihood"]
+    assert set(one.weight_files()) == {"zad1_rbm.th", "zad2_dbn.th", "zad3_dbn_ft.th"}
+
+
+def test_finetune_zero_epochs_skips_task_three(mnist):
+    config = load_config("configs/lab.yaml", [*TINY, "finetune.epochs=0", "device=cpu"])
+    result = run_lab(config, data=mnist)
+    assert result.finetuned is None and "zad3_dbn_ft.th" not in result.weight_files()
+    assert result.metrics["final.val.log_likelihood"] == result.metrics["dbn.val.log_likelihood"]
