@@ -29,7 +29,7 @@ _FILES = {
 }
 
 
-class DataNotFound(UserError, FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
     """MNIST is neither on disk nor downloadable; the message says where we looked."""
 
 
@@ -70,12 +70,12 @@ def ensure_downloaded(root: Path) -> Path:
     if _raw_files_present(raw):
         return raw
     try:
-        from torchvision.datasets import MNIST as TorchvisionMNIST
+        from torchvision import datasets
 
-        TorchvisionMNIST(str(root), train=True, download=True)
-        TorchvisionMNIST(str(root), train=False, download=True)
+        datasets.MNIST(str(root), train=True, download=True)
+        datasets.MNIST(str(root), train=False, download=True)
     except Exception as err:  # no network, a proxy, a read-only folder: all end the same way
-        raise DataNotFound(
+        raise DataNotFoundError(
             f"MNIST not found in {raw.resolve()} and the download failed ({type(err).__name__}); "
             f"set {ENV_VAR} or data.root to a folder holding MNIST/raw/*-ubyte[.gz] "
             "(torchvision's layout)"

@@ -13,6 +13,7 @@ upper RBM never changes the lower one: each layer is its own copy.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -27,9 +28,11 @@ class DBN:
     def __init__(self, layers: list[RBM]):
         if len(layers) < 2:
             raise ValueError("a DBN needs at least two RBMs")
-        for lower, upper in zip(layers, layers[1:], strict=False):
+        for lower, upper in itertools.pairwise(layers):
             if lower.n_hidden != upper.n_visible:
-                raise ValueError(f"layer sizes do not fit: {lower.n_hidden} hidden below, {upper.n_visible} visible above")
+                raise ValueError(
+                    f"layer sizes do not fit: {lower.n_hidden} hidden below, {upper.n_visible} visible above"
+                )
         self.layers = layers
 
     @property
@@ -46,12 +49,15 @@ class DBN:
     def reconstruct(
         self, v: torch.Tensor, gibbs_steps: int = 1, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up pass, h_top ~ p(h_top | h_{L-1}), `gibbs_steps` Gibbs rounds in the top RBM, down pass.
+        """Up pass, `gibbs_steps` (>= 1) Gibbs rounds in the top RBM, down pass (LAB.md, task 2).
 
-        Returns (p(v=1|...) at the bottom, the final top hidden state) for the lab's figure.
+        A round is h_top ~ p(h_top | h_{L-1}), then h_{L-1} ~ p(h_{L-1} | h_top). Returns
+        (p(v=1|...) at the bottom, the final top hidden state) for the lab's figure.
         """
+        if gibbs_steps < 1:
+            raise ValueError(f"gibbs_steps must be >= 1, got {gibbs_steps}")
         h_top = bernoulli(self.top.p_h(self.up(v, generator)), generator)
-        return self.generate(h_top, gibbs_steps, generator)
+        return self.generate(h_top, gibbs_steps - 1, generator)
 
     def generate(
         self, h_top: torch.Tensor, gibbs_steps: int, generator: torch.Generator | None = None

@@ -56,10 +56,12 @@ class UpDownDBN:
     def reconstruct(
         self, v: torch.Tensor, gibbs_steps: int = 1, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Recognition up, `gibbs_steps` Gibbs rounds in the top RBM, generation down."""
+        """Recognition up, `gibbs_steps` (>= 1) rounds (h2, then h1) in the top RBM, generation down."""
+        if gibbs_steps < 1:
+            raise ValueError(f"gibbs_steps must be >= 1, got {gibbs_steps}")
         h1 = bernoulli(self.p_h1(v), generator)
         h2 = bernoulli(self.top.p_h(h1), generator)
-        return self.generate(h2, gibbs_steps, generator)
+        return self.generate(h2, gibbs_steps - 1, generator)
 
     def generate(
         self, h2: torch.Tensor, gibbs_steps: int, generator: torch.Generator | None = None

@@ -145,7 +145,9 @@ def run_lab(
         ft_settings = CDSettings(
             cd_k=f["cd_k"], learning_rate=f["learning_rate"], epochs=f["epochs"], batch_size=r["batch_size"]
         )
-        finetuned = fine_tune(dbn, data.train, ft_settings, generator, _timed(report("finetune"), epoch_log["finetune"]))
+        finetuned = fine_tune(
+            dbn, data.train, ft_settings, generator, _timed(report("finetune"), epoch_log["finetune"])
+        )
         ft_estimate = ais(finetuned.top, h1_bias)
         metrics.update(_score_dbn("finetune", finetuned, sets, ft_estimate, generator))
 

@@ -44,7 +44,7 @@ def test_bad_values_are_refused_naming_the_key(override, named):
 def test_unknown_key_in_file_is_refused(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("rbm:\n  hiden_size: 3\n")
-    with pytest.raises(ConfigError, match="rbm.hiden_size"):
+    with pytest.raises(ConfigError, match=r"rbm\.hiden_size"):
         load_config(path)
 
 
@@ -53,7 +53,7 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("rbm: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=r"not valid YAML"):
         load_config(bad)
 
 

@@ -1,0 +1,402 @@
+"""Quantitative evaluation of Bernoulli RBMs and two-layer DBNs (LAB.md, "Measuring a generative model").
+
+An RBM (see `core.rbm`) with visible bias a, hidden bias b and weights W defines
+
+    p(v) = exp(-F(v)) / Z,      F(v) = -a'v - sum_j softplus(b_j + v'W_j)
+    p(h) = exp(-F(h)) / Z,      F(h) = -b'h - sum_i softplus(a_i + W_i h)
+    Z    = sum_v exp(-F(v)) = sum_h exp(-F(h))
+
+Partition function
+------------------
+Exact: enumerate the smaller layer, 2^min(V, H) terms,
+
+    log Z = logsumexp_h [b'h + sum_i softplus(a_i + W_i h)]      (H <= V)
+    log Z = logsumexp_v [a'v + sum_j softplus(b_j + v'W_j)]      (V < H)
+
+Annealed importance sampling (Salakhutdinov & Murray, "On the quantitative analysis of deep
+belief networks", ICML 2008): anneal from the base-rate model A (W = 0, b = 0, visible bias a_A,
+usually log(m / (1 - m)) of the training pixel means m, so that Z_A is known in closed form,
+log Z_A = H log 2 + sum_i softplus(a_A_i)) to the model B through the unnormalised marginals
+
+    p*_k(v) = exp((1 - β_k) a_A'v + β_k a_B'v) prod_j (1 + exp(β_k (b_j + v'W_j))),
+    0 = β_0 < β_1 < ... < β_K = 1.
+
+Each of M chains starts from an exact sample v_0 ~ p_A and moves with one Gibbs step at β_k,
+
+    h ~ sigmoid(β_k (b + v W)),    v ~ sigmoid((1 - β_k) a_A + β_k (a_B + W h)),
+
+which leaves p_k invariant. The importance weight of a chain is
+
+    w = prod_{k=1..K} p*_k(v_{k-1}) / p*_{k-1}(v_{k-1})
+
+and E[w] = Z_B / Z_A, so log Z_B ≈ log Z_A + log mean(w). The reported spread is the paper's:
+log(mean(w) ∓ 3 std(w) / sqrt(M)) + log Z_A (the lower end is -inf when the difference is not
+positive). AIS tends to underestimate log Z (hence to overestimate log-likelihood) when the
+schedule or the number of chains is too small.
+
+Log-likelihood and cheap signals
+--------------------------------
+    mean log p(v)       = mean(-F(v)) - log Z
+    reconstruction err  = mean over images of sum_i (v_i - p(v_i = 1 | h))^2,   h ~ p(h|v)
+    pseudo-log-lik.     = V log sigmoid(F(ṽ) - F(v)),  ṽ = v with one random unit flipped
+                          (the estimator of scikit-learn's BernoulliRBM.score_samples)
+    free-energy gap     = mean F(validation) - mean F(training), on equally many rows; positive
+                          and growing means overfitting (Hinton's practical guide, section 6)
+
+Two-layer DBN
+-------------
+Generative model: p(h1) is the top RBM's marginal over its visible layer h1 (hidden layer h2),
+p(v | h1) = prod_i Bernoulli(sigmoid(h1 G + a)_i). Recognition: the factorial
+Q(h1 | v) = prod_j Bernoulli(sigmoid(v R + b_up)_j). For any Q (Salakhutdinov & Murray, section 4)
+
+    log p(v) >= sum_h1 Q(h1|v) [log p(v|h1) + log p*_top(h1)] - log Z_top + H(Q(.|v)),
+
+with log p*_top(h1) = -F_top(h1) and H the entropy of Q. The expectation is taken by enumerating
+h1 when H1 is small, otherwise by Monte Carlo with samples from Q; H(Q) is always exact. For a
+DBN of two greedily trained RBMs (task 2) R = W1, G = W1', b_up = the first RBM's hidden bias and
+a = its visible bias; for the fine-tuned DBN (task 3) R = R1, G = G1 and b_up = the recognition
+bias. Everything that sums many terms or takes log-sum-exp runs in float64; the AIS chains and the
+reconstructions run in the model's dtype. All work happens on the tensors' device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from core.finetune import UpDownDBN
+from core.rbm import RBM, bernoulli
+
+MAX_EXACT_UNITS = 24
+"""Largest layer `exact_log_z` will enumerate (2^24 states)."""
+AUTO_EXACT_UNITS = 20
+"""`log_z(method="auto")` is exact up to this many units in the smaller layer."""
+AUTO_EXACT_DBN_UNITS = 16
+"""`dbn_lower_bound(exact=None)` enumerates h1 up to this many units."""
+AUTO_EXACT_DBN_PAIRS = 2**24
+"""... and while rows x 2^H1 stays below this (the enumeration costs rows x 2^H1 x V)."""
+MAX_EXACT_DBN_UNITS = 20
+PAPER_SEGMENTS = ((0.0, 0.5, 500), (0.5, 0.9, 4000), (0.9, 1.0, 10000))
+"""(start, end, inverse temperatures) of Salakhutdinov & Murray's 14,500-step AIS schedule."""
+
+
+@dataclass(frozen=True)
+class LogZEstimate:
+    """A log partition function and its spread; for the exact method low = high = log_z."""
+
+    log_z: float
+    low: float
+    high: float
+    method: str  # "exact" | "ais"
+    chains: int  # AIS chains, 0 for exact
+    betas: int  # AIS inverse temperatures, 0 for exact
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def _float64(rbm: RBM) -> RBM:
+    return RBM(rbm.W.double(), rbm.a.double(), rbm.b.double())
+
+
+def _binary_states(start: int, stop: int, n_units: int, device: torch.device) -> torch.Tensor:
+    """Rows start..stop-1 of the 2^n_units binary states (bit j of the row number is unit j)."""
+    index = torch.arange(start, stop, device=device)
+    bits = torch.arange(n_units, device=device)
+    return ((index[:, None] >> bits) & 1).double()
+
+
+def _chunks(total: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _like(x: torch.Tensor, rbm: RBM) -> torch.Tensor:
+    return x.to(device=rbm.device, dtype=rbm.W.dtype)
+
+
+# --- partition function ----------------------------------------------------------------------------
+@torch.no_grad()
+def exact_log_z(rbm: RBM, chunk: int = 2**14) -> float:
+    """log Z by enumerating the smaller layer, `chunk` states at a time, in float64."""
+    n_units = min(rbm.n_visible, rbm.n_hidden)
+    if n_units > MAX_EXACT_UNITS:
+        raise ValueError(f"exact log Z enumerates 2^{n_units} states; {MAX_EXACT_UNITS} units at most, use AIS")
+    model = _float64(rbm)
+    # -F of the enumerated layer is its unnormalised log-probability.
+    free_energy = model.hidden_free_energy if rbm.n_hidden <= rbm.n_visible else model.free_energy
+    parts = _chunks(2**n_units, chunk)
+    partial = torch.empty(len(parts), dtype=torch.float64, device=rbm.device)
+    for i, (start, stop) in enumerate(parts):
+        states = _binary_states(start, stop, n_units, rbm.device)
+        partial[i] = torch.logsumexp(-free_energy(states), dim=0)
+    return torch.logsumexp(partial, dim=0).item()
+
+
+def ais_betas(n: int = 14500) -> torch.Tensor:
+    """Inverse temperatures 0 = β_0 < ... < β_{n-1} = 1, float64, shaped like the paper's schedule.
+
+    For n = 14500: 500 values uniformly spaced in [0, 0.5), 4000 in [0.5, 0.9) and 10000 in
+    (0.9, 1] (steps 1e-3, 1e-4, 1e-5). Other n scale the three counts by n / 14500, at least one each.
+    """
+    if n < 3:
+        raise ValueError(f"an AIS schedule needs at least 3 inverse temperatures, got {n}")
+    reference = sum(count for _, _, count in PAPER_SEGMENTS)
+    first, second = (max(1, round(count * n / reference)) for _, _, count in PAPER_SEGMENTS[:2])
+    counts = (first, second, n - first - second)
+    (s0, e0, _), (s1, e1, _), (s2, e2, _) = PAPER_SEGMENTS
+    return torch.cat(
+        [
+            torch.linspace(s0, e0, counts[0] + 1, dtype=torch.float64)[:-1],
+            torch.linspace(s1, e1, counts[1] + 1, dtype=torch.float64)[:-1],
+            torch.linspace(s2, e2, counts[2] + 1, dtype=torch.float64)[1:],
+        ]
+    )
+
+
+@torch.no_grad()
+def ais_log_z(
+    rbm: RBM,
+    base_visible_bias: torch.Tensor | None = None,
+    chains: int = 100,
+    betas: int | torch.Tensor = 14500,
+    generator: torch.Generator | None = None,
+) -> LogZEstimate:
+    """AIS estimate of log Z from the base-rate model (module docstring).
+
+    `base_visible_bias`: a_A, e.g. `visible_bias_from_means(train.mean(0))`; zeros when None.
+    `betas`: a count for `ais_betas` or an increasing schedule from 0 to 1. `generator` must live on
+    the model's device. The chains run in the model's dtype, the log weights accumulate in float64.
+    """
+    schedule = ais_betas(betas) if isinstance(betas, int) else betas.detach().double().cpu()
+    if schedule.dim() != 1 or len(schedule) < 2 or schedule[0] != 0 or schedule[-1] != 1:
+        raise ValueError("the AIS schedule must be 1-D, start at 0 and end at 1")
+    beta = schedule.tolist()  # python floats: no device sync inside the loop
+    W, a_B, b = rbm.W, rbm.a, rbm.b
+    a_A = torch.zeros_like(a_B) if base_visible_bias is None else _like(base_visible_bias, rbm)
+    log_z_base = rbm.n_hidden * math.log(2) + F.softplus(a_A.double()).sum()
+    a_diff = a_B - a_A
+
+    v = bernoulli(torch.sigmoid(a_A).expand(chains, -1), generator)
+    log_w = torch.zeros(chains, dtype=torch.float64, device=rbm.device)
+    x = torch.empty(chains, rbm.n_hidden, dtype=W.dtype, device=rbm.device)
+    for k in range(1, len(beta)):
+        # log p*_k(v) - log p*_{k-1}(v) at the chains' current states
+        torch.addmm(b, v, W, out=x)
+        x64 = x.double()
+        log_w += (beta[k] - beta[k - 1]) * (v @ a_diff).double()
+        log_w += (F.softplus(beta[k] * x64) - F.softplus(beta[k - 1] * x64)).sum(dim=1)
+        if k < len(beta) - 1:  # one Gibbs step that leaves p_k invariant
+            h = bernoulli(torch.sigmoid(beta[k] * x), generator)
+            visible_bias = torch.lerp(a_A, a_B, beta[k])
+            v = bernoulli(torch.sigmoid(torch.addmm(visible_bias, h, W.T, alpha=beta[k])), generator)
+
+    # log mean(w), log(mean(w) -/+ 3 std(w) / sqrt(M)), relative to the largest weight
+    top = log_w.max()
+    w = torch.exp(log_w - top)
+    mean = w.mean()
+    half_width = 3 * (w.std() if chains > 1 else torch.zeros_like(mean)) / math.sqrt(chains)
+    offset = log_z_base + top
+    estimate, high = (offset + torch.log(mean)).item(), (offset + torch.log(mean + half_width)).item()
+    low_w = mean - half_width
+    low = (offset + torch.log(low_w)).item() if low_w.item() > 0 else -math.inf
+    return LogZEstimate(estimate, low, high, "ais", chains, len(beta))
+
+
+def log_z(rbm: RBM, method: str = "auto", **ais_kwargs: Any) -> LogZEstimate:
+    """log Z by "exact" enumeration, "ais", or "auto" (exact when min(V, H) <= 20).
+
+    `ais_kwargs` go to `ais_log_z` and are ignored when the exact method is used.
+    """
+    if method == "auto":
+        method = "exact" if min(rbm.n_visible, rbm.n_hidden) <= AUTO_EXACT_UNITS else "ais"
+    if method == "exact":
+        value = exact_log_z(rbm)
+        return LogZEstimate(value, value, value, "exact", 0, 0)
+    if method == "ais":
+        return ais_log_z(rbm, **ais_kwargs)
+    raise ValueError(f"unknown log Z method {method!r}; use 'exact', 'ais' or 'auto'")
+
+
+# --- RBM scores ------------------------------------------------------------------------------------
+@torch.no_grad()
+def mean_log_likelihood(rbm: RBM, v: torch.Tensor, log_z: float | LogZEstimate) -> float:
+    """Mean over the rows of binary v of log p(v) = -F(v) - log Z, in float64."""
+    value = log_z.log_z if isinstance(log_z, LogZEstimate) else log_z
+    free_energy = _float64(rbm).free_energy(v.to(device=rbm.device, dtype=torch.float64))
+    return (-free_energy.mean()).item() - value
+
+
+@torch.no_grad()
+def reconstruction_error(rbm: RBM, v: torch.Tensor, generator: torch.Generator | None = None) -> float:
+    """Mean over images of sum_i (v_i - p(v_i = 1 | h))^2 with h ~ p(h | v)."""
+    v = _like(v, rbm)
+    return ((v - rbm.reconstruct(v, generator)) ** 2).sum(dim=1).mean().item()
+
+
+@torch.no_grad()
+def pseudo_log_likelihood(
+    rbm: RBM,
+    v: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    flip: torch.Tensor | None = None,
+) -> float:
+    """Mean over rows of V log sigmoid(F(ṽ) - F(v)), ṽ = v with unit `flip[n]` of row n flipped.
+
+    `flip` is drawn uniformly (one unit per row) when None; scikit-learn's
+    BernoulliRBM.score_samples computes the same per-row estimator.
+    """
+    model = _float64(rbm)
+    v = v.to(device=rbm.device, dtype=torch.float64)
+    rows = torch.arange(v.shape[0], device=rbm.device)
+    if flip is None:
+        flip = torch.randint(rbm.n_visible, (v.shape[0],), generator=generator, device=rbm.device)
+    flip = flip.to(rbm.device)
+    flipped = v.clone()
+    flipped[rows, flip] = 1 - flipped[rows, flip]
+    delta = model.free_energy(flipped) - model.free_energy(v)
+    return (rbm.n_visible * F.logsigmoid(delta)).mean().item()
+
+
+@torch.no_grad()
+def free_energy_gap(rbm: RBM, train_v: torch.Tensor, val_v: torch.Tensor) -> float:
+    """mean F(validation) - mean F(training) over the first min(N_train, N_val) rows of each."""
+    n = min(train_v.shape[0], val_v.shape[0])
+    model = _float64(rbm)
+    train_f = model.free_energy(train_v[:n].to(device=rbm.device, dtype=torch.float64))
+    val_f = model.free_energy(val_v[:n].to(device=rbm.device, dtype=torch.float64))
+    return (val_f.mean() - train_f.mean()).item()
+
+
+# --- two-layer DBN ---------------------------------------------------------------------------------
+def _check_dbn(v: torch.Tensor, G: torch.Tensor, a: torch.Tensor, top: RBM) -> None:
+    H1, V = G.shape
+    if v.shape[1] != V or a.shape != (V,) or top.n_visible != H1:
+        raise ValueError(
+            f"DBN shapes do not fit: v {tuple(v.shape)}, G {tuple(G.shape)}, a {tuple(a.shape)}, "
+            f"top RBM visible {top.n_visible}"
+        )
+
+
+def _log_joint(v: torch.Tensor, h1: torch.Tensor, G: torch.Tensor, a: torch.Tensor, top: RBM) -> torch.Tensor:
+    """log p(v | h1) + log p*_top(h1) for every pair of rows: [N, S] from v [N, V] and h1 [S, H1].
+
+    log p(v|h1) = sum_i v_i log σ(z_i) + (1 - v_i) log σ(-z_i) = v'z - sum_i softplus(z_i),
+    z = h1 G + a.
+    """
+    z = torch.addmm(a, h1, G)
+    return v @ z.T - F.softplus(z).sum(dim=1) - top.free_energy(h1)
+
+
+def _log_joint_paired(v: torch.Tensor, h1: torch.Tensor, G: torch.Tensor, a: torch.Tensor, top: RBM) -> torch.Tensor:
+    """log p(v_n | h1_n) + log p*_top(h1_n), row by row: [N] from v [N, V] and h1 [N, H1]."""
+    z = torch.addmm(a, h1, G)
+    return (v * z).sum(dim=1) - F.softplus(z).sum(dim=1) - top.free_energy(h1)
+
+
+def _states_per_chunk(v: torch.Tensor) -> int:
+    """Enumerated h1 states per step so that the [rows, states] matrices stay near 2^22 entries."""
+    return max(1, 2**22 // v.shape[0])
+
+
+def _dbn_inputs(
+    v: torch.Tensor, G: torch.Tensor, a: torch.Tensor, top: RBM
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RBM]:
+    _check_dbn(v, G, a, top)
+    device = G.device
+    return (
+        v.to(device=device, dtype=torch.float64),
+        G.double(),
+        a.to(device=device, dtype=torch.float64),
+        _float64(top.to(device)),
+    )
+
+
+@torch.no_grad()
+def dbn_lower_bound(
+    v: torch.Tensor,
+    R: torch.Tensor,
+    b_up: torch.Tensor,
+    G: torch.Tensor,
+    a: torch.Tensor,
+    top: RBM,
+    top_log_z: float,
+    samples: int = 10,
+    generator: torch.Generator | None = None,
+    exact: bool | None = None,
+) -> float:
+    """Mean over rows of the variational lower bound on log p(v) of a two-layer DBN (module docstring).
+
+    R [V, H1] and b_up [H1] define Q(h1 | v) = prod sigmoid(v R + b_up); G [H1, V] and a [V] define
+    p(v | h1); `top` is the RBM over (h1, h2) and `top_log_z` its log partition function. The
+    expectation under Q is exact by enumerating h1 (`exact`; None means H1 <= 16), otherwise a
+    Monte Carlo average over `samples` draws per row (`generator` on G's device).
+    """
+    v, G, a, top = _dbn_inputs(v, G, a, top)
+    H1 = G.shape[0]
+    if R.shape != (v.shape[1], H1) or b_up.shape != (H1,):
+        raise ValueError(f"recognition shapes do not fit: R {tuple(R.shape)}, b_up {tuple(b_up.shape)}")
+    if exact is None:
+        exact = H1 <= AUTO_EXACT_DBN_UNITS and v.shape[0] * 2**H1 <= AUTO_EXACT_DBN_PAIRS
+    if exact and H1 > MAX_EXACT_DBN_UNITS:
+        raise ValueError(f"enumerating 2^{H1} states of h1; at most {MAX_EXACT_DBN_UNITS} units")
+
+    logits = torch.addmm(b_up.double(), v, R.double())  # Q(h1_j = 1 | v) = σ(logits_j)
+    q = torch.sigmoid(logits)
+    log_q1, log_q0 = F.logsigmoid(logits), F.logsigmoid(-logits)
+    entropy = -(q * log_q1 + (1 - q) * log_q0).sum(dim=1)
+
+    expected = torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
+    if exact:
+        for start, stop in _chunks(2**H1, _states_per_chunk(v)):
+            h1 = _binary_states(start, stop, H1, v.device)
+            log_q = log_q1 @ h1.T + log_q0 @ (1 - h1).T  # [N, S] log Q(h1 | v)
+            expected += (torch.exp(log_q) * _log_joint(v, h1, G, a, top)).sum(dim=1)
+    else:
+        for _ in range(samples):
+            h1 = bernoulli(q, generator)
+            expected += _log_joint_paired(v, h1, G, a, top)
+        expected /= samples
+    return (expected + entropy).mean().item() - top_log_z
+
+
+@torch.no_grad()
+def dbn_exact_log_likelihood(v: torch.Tensor, G: torch.Tensor, a: torch.Tensor, top: RBM, top_log_z: float) -> float:
+    """Mean over rows of log sum_h1 p(v | h1) p_top(h1), p_top(h1) = exp(-F_top(h1) - log Z_top).
+
+    Enumerates h1, so only for tiny models (H1 <= 20).
+    """
+    v, G, a, top = _dbn_inputs(v, G, a, top)
+    H1 = G.shape[0]
+    if H1 > MAX_EXACT_DBN_UNITS:
+        raise ValueError(f"enumerating 2^{H1} states of h1; at most {MAX_EXACT_DBN_UNITS} units")
+    log_p = torch.full((v.shape[0],), -math.inf, dtype=torch.float64, device=v.device)
+    for start, stop in _chunks(2**H1, _states_per_chunk(v)):
+        h1 = _binary_states(start, stop, H1, v.device)
+        log_p = torch.logaddexp(log_p, torch.logsumexp(_log_joint(v, h1, G, a, top), dim=1))
+    return log_p.mean().item() - top_log_z
+
+
+@torch.no_grad()
+def dbn_reconstruction_error(
+    v: torch.Tensor,
+    R: torch.Tensor,
+    b_up: torch.Tensor,
+    G: torch.Tensor,
+    a: torch.Tensor,
+    top: RBM,
+    gibbs_steps: int = 1,
+    generator: torch.Generator | None = None,
+) -> float:
+    """Mean over images of sum_i (v_i - p̂_i)^2 for the DBN's reconstruction p̂ (LAB.md, task 2).
+
+    Up pass h1 ~ Q(h1 | v) = σ(v R + b_up); `gibbs_steps` (>= 1) rounds in the top RBM, each
+    h2 ~ p(h2 | h1) then h1 ~ p(h1 | h2); down pass p̂ = σ(h1 G + a), shown as probabilities.
+    This is `UpDownDBN.reconstruct`; a task-2 DBN is R = W1, G = W1', b_up = h1_up.
+    """
+    _check_dbn(v, G, a, top)
+    v = v.to(device=G.device, dtype=G.dtype)
+    reconstruction, _ = UpDownDBN(R, b_up, G, a, top).reconstruct(v, gibbs_steps, generator)
+    return ((v - reconstruction) ** 2).sum(dim=1).mean().item()
