@@ -49,7 +49,9 @@ class RBM:
         Hinton's practical guide suggests visible biases log(p/(1-p)) of the data's pixel means;
         pass them as `visible_bias` (see `visible_bias_from_means`).
         """
-        W = torch.randn(n_visible, n_hidden, generator=generator, dtype=dtype) * weight_std
+        # draw where the generator lives (a CUDA generator cannot fill a CPU tensor)
+        where = generator.device if generator is not None else device
+        W = torch.randn(n_visible, n_hidden, generator=generator, dtype=dtype, device=where) * weight_std
         a = torch.zeros(n_visible, dtype=dtype) if visible_bias is None else visible_bias.to(dtype)
         b = torch.zeros(n_hidden, dtype=dtype)
         return cls(W.to(device), a.to(device).clone(), b.to(device))
@@ -121,12 +123,42 @@ class RBM:
 
 
 def bernoulli(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Binary samples with P(1) = p, as floats.
+    """Binary samples with P(1) = p, as floats: the exact path, for evaluation and figures.
 
-    `torch.rand` then a comparison is about 3x faster on the CPU than `torch.bernoulli` (which
-    draws element by element), and gives the same distribution.
+    u ~ U[0, 1) from `torch.rand` carries 24 random bits, as many as a float32 mantissa, so
+    P(u < p) = p to float32 precision. `rand` then a comparison is about 3x faster on the CPU than
+    `torch.bernoulli` (which draws element by element), and writing the comparison's 0/1 straight
+    into the float buffer skips a bool tensor and its slow cast. Same draws, same samples as
+    `(torch.rand(p.shape, generator=generator) < p).float()`.
     """
-    return (torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype) < p).to(p.dtype)
+    u = torch.empty_like(p, memory_format=torch.contiguous_format).uniform_(generator=generator)
+    return torch.lt(u, p, out=u)
+
+
+def bernoulli_fast(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Binary samples with P(1) = p from 16-bit uniforms: the training path, ~3x cheaper than `bernoulli`.
+
+    On the CPU the Mersenne twister behind `torch.rand` spends one 32-bit draw per uniform and
+    then converts it; a CD-1 step needs ~170,000 uniforms, which cost more than its matmuls. Here
+    one 64-bit draw is cut into four int16 uniforms s in [-32768, 32767], and a unit fires when
+
+        s < 65536 p - 32768.5,   i.e. (s + 32768.5) / 65536 < p,
+
+    so P(1) = p rounded to the nearest multiple of 2^-16: the bias is at most 2^-17 per unit (p
+    below 2^-17 never fires, p above 1 - 2^-17 always does), p = 0 never and p = 1 always fires.
+    That is far below the noise of a minibatch gradient; evaluation uses the exact `bernoulli`.
+
+    Works on any device (the generator must live on p's device); same generator state, same
+    samples.
+    """
+    n = p.numel()
+    # random_(-2**63, None) asks for the full 64-bit range: the default random_() on int64 draws
+    # in [0, 2**63), whose always-zero top bit would make every fourth int16 non-negative.
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=p.device)
+    bits.random_(-(2**63), None, generator=generator)
+    s = bits.view(torch.int16)[:n].view(p.shape)
+    threshold = torch.mul(p, 65536.0).sub_(32768.5)  # exact for p in {0, 1}: scaling by 2^16
+    return torch.lt(s, threshold, out=threshold)  # 0./1. written over the threshold buffer
 
 
 def visible_bias_from_means(means: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:

@@ -1,0 +1,48 @@
+"""Subcommands `report` (figures and the k-comparison report of a study) and `export` (a trial's
+lab weight files), both reading a study database without writing to it."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    report = subparsers.add_parser(
+        "report",
+        help="turn a study database into the lab's figures and the k-comparison report",
+        description="Write DIR/index.html (self-contained), DIR/report.md, the figures as PNG and "
+        "DIR/trials.csv from a study's SQLite database. Works on a running study (reads a consistent "
+        "snapshot, never writes).",
+    )
+    report.add_argument("--db", required=True, help="the study's SQLite database")
+    report.add_argument("--name", help="the study's name (needed when the file holds several)")
+    report.add_argument("--trial", type=int, metavar="ID",
+                        help="also draw the lab's figures of this trial (its id, as in trials.csv)")
+    report.add_argument("--out", required=True, metavar="DIR", help="folder to write the report into")
+    report.set_defaults(func=_report)
+
+    export = subparsers.add_parser(
+        "export",
+        help="write a trial's zad1_rbm.th, zad2_dbn.th, zad3_dbn_ft.th",
+        description="Write the lab's three weight files of one trial, to open in the handout's notebook.",
+    )
+    export.add_argument("--db", required=True, help="the study's SQLite database")
+    export.add_argument("--trial", type=int, required=True, metavar="ID", help="the trial's id (trials.csv)")
+    export.add_argument("--out", required=True, metavar="DIR", help="folder to write the files into")
+    export.set_defaults(func=_export)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from analysis.report import build
+
+    index = build(args.db, args.out, name=args.name, trial_id=args.trial)
+    print(f"report written: {index}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from analysis.report import export
+
+    for path in export(args.db, args.trial, args.out):
+        print(path)
+    return 0

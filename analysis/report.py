@@ -1,0 +1,264 @@
+"""`rbm-study report`: a study database in, `index.html`, `report.md`, PNG figures and CSV tables out.
+
+Sections: summary; the lab's figures for the best trial (and for `--trial`); the k-comparison;
+the study overview. Whatever the snapshot cannot support yet (no completed trial, one k, no
+MNIST for reconstructions, too few trials for importances) becomes a note saying so.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from analysis import figures, kcompare, overview
+from analysis.html import Document, write
+from analysis.load import Snapshot, open_snapshot
+from core import labfiles
+from core.errors import UserError
+
+MAX_SAMPLED_TRIALS = 60  # trials whose samples enter the sample statistics (best first)
+
+
+def load_test_digits(config: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+    """The first N_DIGITS test images (grey, and binarised once) or (None, None, why not)."""
+    from core.data import ENV_VAR, binarize_once, load_mnist
+
+    candidates = []
+    configured = (config.get("data") or {}).get("root") if isinstance(config, dict) else None
+    for root in (configured, os.environ.get(ENV_VAR), "data"):
+        if root and Path(root) not in candidates:
+            candidates.append(Path(root))
+    for root in candidates:
+        raw = root / "MNIST" / "raw"
+        names = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte",
+                 "train-labels-idx1-ubyte")
+        if all((raw / n).exists() or (raw / f"{n}.gz").exists() for n in names):
+            try:
+                data = load_mnist(root, "cpu", subset=figures.N_DIGITS)
+            except Exception as err:  # a damaged copy: the rest of the report still renders
+                return None, None, f"reading MNIST from {root} failed ({str(err).splitlines()[0]})"
+            grey = data.test[: figures.N_DIGITS]
+            return grey, binarize_once(grey), ""
+    looked = ", ".join(str(c) for c in candidates) or "nowhere"
+    return None, None, (
+        f"reconstructions need the MNIST test images, not found (looked in {looked}); set {ENV_VAR} to a folder "
+        "holding MNIST/raw/*-ubyte[.gz] and run the report again"
+    )
+
+
+_SAMPLES: dict[tuple[str, int], dict[str, dict]] = {}
+
+
+def _models(snap: Snapshot, trial_id: int) -> dict[str, labfiles.Model]:
+    files = snap.weights(trial_id)
+    return {stage: labfiles.load(files[name]) for stage, name in labfiles.FILE_NAMES.items() if name in files}
+
+
+def _samples(snap: Snapshot, trial_id: int, models: dict[str, labfiles.Model]) -> dict[str, dict]:
+    """figures.sample of each model of a trial, run once per report (the chains are deterministic)."""
+    key = (str(snap.copy), trial_id)
+    if key not in _SAMPLES:
+        _SAMPLES[key] = {stage: figures.sample(model) for stage, model in models.items()}
+    return _SAMPLES[key]
+
+
+def _trial_label(row: pd.Series) -> str:
+    return f"trial {int(row['trial_id'])}, k={row['k']}, seed={row['seed']}"
+
+
+def build(db: str | Path, out: str | Path, name: str | None = None, trial_id: int | None = None) -> Path:
+    """Write the report of one study into `out`; returns the path of index.html."""
+    out = Path(out)
+    with open_snapshot(db) as snap:
+        study = snap.study(name, trial_id)
+        if trial_id is not None:
+            snap.trial(trial_id, int(study["id"]))
+        out.mkdir(parents=True, exist_ok=True)
+        doc = _build(snap, study, trial_id, out)
+        write(doc, out)
+        for key in [k for k in _SAMPLES if k[0] == str(snap.copy)]:
+            del _SAMPLES[key]
+    return out / "index.html"
+
+
+def _build(snap: Snapshot, study: pd.Series, asked: int | None, out: Path) -> Document:
+    trials = snap.study_trials(int(study["id"]))
+    table = overview.trials_table(trials, snap.final_metrics)
+    table.to_csv(out / "trials.csv", index=False)
+    metric, mode = study["objective_metric"], study["objective_mode"]
+    done = table[(table["state"] == "completed")] if not table.empty else table
+    doc = Document(f"rbm-study report: {study['name']}")
+
+    # --- summary -----------------------------------------------------------------------------
+    taken = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    doc.text(
+        f"Database `{snap.path}`, read {taken} (a consistent snapshot). Study status: **{study['status']}**; "
+        f"trials: {overview.state_counts(table) if not table.empty else 'none yet'}. Objective: `{metric}` "
+        f"({mode}imised). Code version {study['code_version']}."
+    )
+    if study["status"] == "running":
+        doc.note("the study is still running: the numbers below are those of the snapshot and will change.",
+                 label="Note")
+    lab = study["config"].get("lab", study["config"]) if isinstance(study["config"], dict) else {}
+
+    # --- the lab's figures ---------------------------------------------------------------------
+    doc.heading("The lab's figures")
+    scored = done[done["objective"].notna()] if not done.empty else done
+    to_draw: list[tuple[str, pd.Series]] = []
+    if not scored.empty:
+        best = scored.sort_values("objective", ascending=(mode == "min")).iloc[0]
+        to_draw.append(("best trial by the objective", best))
+    else:
+        doc.note("no trial has completed yet, so there are no figures of trained models.")
+    if asked is not None:
+        row = table[table["trial_id"] == asked].iloc[0]
+        if not to_draw or int(to_draw[0][1]["trial_id"]) != asked:
+            to_draw.append(("trial asked for with --trial", row))
+    grey = binary = None
+    why = ""
+    if to_draw:
+        trial_config = trials[trials["id"] == int(to_draw[0][1]["trial_id"])]["config"].iloc[0]
+        grey, binary, why = load_test_digits(trial_config or lab)
+        if grey is None:
+            doc.note(why)
+    for reason, row in to_draw:
+        tid = int(row["trial_id"])
+        doc.heading(f"Trial {tid} (#{int(row['number'])}): {reason}", level=3)
+        doc.text(
+            f"k={row['k']}, seed={row['seed']}, state {row['state']}, objective `{metric}` = "
+            f"{kcompare.fmt(row['objective'])}; searched parameters: "
+            + (", ".join(f"{c[6:]}={row[c]}" for c in table.columns if c.startswith("param:") and pd.notna(row[c]))
+               or "none")
+        )
+        models = _models(snap, tid)
+        if not models:
+            doc.note(f"trial {tid} has no weight files in the database (state {row['state']}).")
+            continue
+        drawn = _samples(snap, tid, models)
+        for fig in figures.lab_figures(models, out, f"trial{tid}_", f"trial {tid}, k={row['k']}", grey, binary,
+                                       drawn):
+            doc.figure(fig)
+
+    # --- k-comparison ----------------------------------------------------------------------------
+    doc.heading("What changes when k in CD-k grows?")
+    ks = sorted(int(k) for k in done["k"].dropna().unique()) if not done.empty else []
+    if len(ks) < 2:
+        doc.note(
+            "there is no k-comparison: " + (
+                "no trial has completed yet." if not ks else
+                f"every completed trial has k={ks[0]}; a study needs at least two values of rbm.cd_k "
+                "(e.g. search rbm.cd_k over [1, 3, 10]) for this section."
+            )
+        )
+    else:
+        _kcomparison(snap, doc, done.assign(k=done["k"].astype(int)), trials, ks, mode, out)
+
+    # --- overview ----------------------------------------------------------------------------------
+    doc.heading("Study overview")
+    if table.empty:
+        doc.note("the study has no trials yet.")
+    else:
+        best = overview.best_trials(table, mode)
+        if best.empty:
+            doc.note("no completed trial with an objective value yet, so no best trials.")
+        else:
+            doc.table(best, f"Best trials by `{metric}` ({mode}imised)")
+        doc.figure(overview.history_figure(table, metric, mode, out))
+        values, reason = overview.importances(snap.optuna_study(str(study["name"])))
+        if values is None:
+            doc.note(reason + ".")
+        else:
+            doc.text(reason + ": " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()) + ".")
+            doc.figure(overview.importance_figure(values, out))
+        doc.figure(overview.params_figure(table, metric, out))
+        problems = overview.problem_trials(table)
+        doc.heading("Failed, pruned and interrupted trials", level=3)
+        if problems.empty:
+            doc.text("None.")
+        else:
+            doc.table(problems, "With the reason recorded in the database")
+    doc.heading("Files", level=3)
+    doc.text(
+        "`trials.csv`: every trial of the study with its state, parameters and final metrics; "
+        "`k_comparison.csv` (when there is a k-comparison): the per-k statistics quoted above; the PNG files "
+        "are the figures of this page. Weight files of any trial: `rbm-study export --db DB --trial ID --out DIR`."
+    )
+    return doc
+
+
+def _kcomparison(
+    snap: Snapshot, doc: Document, done: pd.DataFrame, trials: pd.DataFrame, ks: list[int], mode: str, out: Path
+) -> None:
+    stats_long = kcompare.per_k(done)
+    stats_long.to_csv(out / "k_comparison.csv", index=False)
+    count, seeds = done.groupby("k").size(), done.groupby("k")["seed"].nunique()
+    doc.text(
+        f"{len(done)} completed trials over k = {', '.join(map(str, ks))}: "
+        + ", ".join(f"{int(count[k])} at k={k} ({int(seeds[k])} distinct seed{'s' if seeds[k] != 1 else ''})"
+                    for k in ks)
+        + ". Each cell: mean over the trials at that k and a 95% Student-t interval for the mean."
+    )
+    others = [c for c in done.columns if c.startswith("param:") and c not in ("param:rbm.cd_k", "param:seed")
+              and done[c].astype(str).nunique() > 1]
+    if others:
+        doc.note(
+            "other searched parameters also vary between these trials (" + ", ".join(c[6:] for c in others)
+            + "), so a difference between k values mixes their effects with k's.",
+            label="Caveat",
+        )
+    doc.table(kcompare.wide_table(stats_long), "Final metrics per k (test set)")
+    doc.figure(kcompare.metric_plots(done, out))
+    epochs = snap.epoch_metrics[snap.epoch_metrics["trial_id"].isin(done["trial_id"])]
+    curves = kcompare.learning_curves(epochs, done, out)
+    if curves is None:
+        doc.note("no per-epoch metrics recorded, so no learning curves.")
+    doc.figure(curves)
+
+    ranked = done[done["objective"].notna()].sort_values("objective", ascending=(mode == "min"))
+    representatives = {int(k): int(g.iloc[0]["trial_id"]) for k, g in ranked.groupby("k")}
+    chosen = list(ranked["trial_id"].head(MAX_SAMPLED_TRIALS)) + list(representatives.values())
+    drawn = {}
+    for tid in dict.fromkeys(int(t) for t in chosen):
+        found = _models(snap, tid)
+        if found:
+            drawn[tid] = _samples(snap, tid, found)
+    samples = kcompare.sample_stats(drawn)
+    doc.figure(kcompare.samples_per_k(samples, representatives, out))
+
+    doc.heading("The handout's questions, answered from the measurements", level=3)
+    doc.text("**1. What changes when k in CD-k grows?**")
+    for paragraph in kcompare.answer_k(stats_long, done):
+        doc.text(paragraph)
+    doc.text("**2. DBN samples against RBM samples.**")
+    answers = kcompare.answer_dbn(done, samples)
+    if not answers:
+        doc.note("no DBN metrics or weights in the completed trials.")
+    for paragraph in answers:
+        doc.text(paragraph)
+    if not samples.empty:
+        per = samples.merge(done[["trial_id", "k"]], on="trial_id").groupby(["k", "stage"])[
+            ["pixel_entropy", "diversity"]].mean().reset_index()
+        per.to_csv(out / "k_samples.csv", index=False)
+        per = per.rename(columns={"stage": "model", "pixel_entropy": "pixel entropy (nats)"})
+        doc.table(per, "Sample statistics per k and model (mean over the trials at that k)")
+
+
+def export(db: str | Path, trial_id: int, out: str | Path) -> list[Path]:
+    """Write the lab's weight files of one trial into `out`."""
+    out = Path(out)
+    with open_snapshot(db) as snap:
+        row = snap.trial(trial_id)
+        files = snap.weights(trial_id)
+    if not files:
+        raise UserError(f"trial {trial_id} has no weight files in the database (state {row['state']})")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in labfiles.FILE_NAMES.values():
+        if name in files:
+            (out / name).write_bytes(files[name])
+            written.append(out / name)
+    return written

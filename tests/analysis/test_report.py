@@ -1,0 +1,245 @@
+"""`rbm-study report` and `export` on a small real study database."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analysis import figures, kcompare
+from analysis.load import open_snapshot
+from core import labfiles
+from core.rbm import RBM
+from study.cli import main
+from tests.analysis import builddb
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _db_per_trial(path: Path) -> pd.DataFrame:
+    """Completed trials with k, seed and their final metrics, read straight from SQLite."""
+    with sqlite3.connect(path) as conn:
+        trials = pd.read_sql_query("SELECT id, config FROM rbm_trials WHERE state = 'completed'", conn)
+        finals = pd.read_sql_query("SELECT trial_id, name, value FROM rbm_final_metrics", conn)
+    trials["k"] = trials["config"].map(lambda c: json.loads(c)["rbm"]["cd_k"])
+    wide = finals.pivot(index="trial_id", columns="name", values="value")
+    return trials.set_index("id").join(wide)
+
+
+# --- files and figures ---------------------------------------------------------------------------
+EXPECTED = [
+    "index.html", "report.md", "trials.csv", "k_comparison.csv", "figures.json", "k_metrics.png",
+    "k_learning_curves.png", "k_samples.png", "overview_history.png", "overview_importances.png",
+    "overview_params.png",
+]
+
+
+def test_report_writes_every_file_and_figure(report_dir: Path):
+    for name in EXPECTED:
+        assert (report_dir / name).is_file(), name
+    best = 1 + int(pd.read_csv(report_dir / "trials.csv").query("state == 'completed'")
+                   .sort_values("objective").iloc[-1]["trial_id"]) - 1
+    for trial in {best, 1}:
+        for task in (1, 2, 3):
+            for kind in ("weights", "reconstructions", "samples"):
+                path = report_dir / f"trial{trial}_task{task}_{kind}.png"
+                assert path.is_file(), path
+    for png in report_dir.glob("*.png"):
+        image = mpimg.imread(png)
+        assert image.shape[0] > 100 and image.shape[1] > 100, png
+        assert np.asarray(image[..., :3]).std() > 0.01, f"{png} is blank"
+
+
+def test_figures_have_the_expected_grids(report_dir: Path):
+    manifest = {f["file"]: f for f in json.loads((report_dir / "figures.json").read_text())}
+    weights = manifest["trial1_task1_weights.png"]
+    assert weights["grids"] == [list(figures.grid_shape(17))] and weights["tile_shapes"] == [[28, 28]]
+    task2 = manifest["trial1_task2_weights.png"]
+    assert task2["grids"][1] == list(figures.grid_shape(16)) and task2["tile_shapes"][1] == list(figures.unit_shape(17))
+    assert len(manifest["trial1_task3_weights.png"]["grids"]) == 3  # R1, G1, |R1 - G1|
+    recon = manifest["trial1_task1_reconstructions.png"]
+    assert recon["grids"] == [[1, 10]] * 4  # original, binary input, p(v|h), hidden state; 10 digits
+    assert manifest["trial1_task3_reconstructions.png"]["grids"] == [[1, 10]] * 5
+
+
+def test_a_100_unit_rbm_is_drawn_as_a_10x10_grid_of_28x28_tiles(tmp_path: Path):
+    rbm = RBM.init(784, 100, generator=torch.Generator().manual_seed(0))
+    assert figures.grid_shape(100) == (10, 10) and figures.unit_shape(100) == (10, 10)
+    mosaic = figures.tile(figures.as_images(rbm.W.numpy().T, (28, 28)), pad=1)
+    assert mosaic.shape == (10 * 29 + 1, 10 * 29 + 1)
+    files = figures.lab_figures({"rbm": rbm}, tmp_path, "", "random", None, None)
+    assert files[0].grids == [(10, 10)] and files[0].tile_shapes == [(28, 28)]
+    assert [f.name for f in files] == ["task1_weights.png", "task1_samples.png"]
+
+
+# --- numbers ---------------------------------------------------------------------------------------
+def test_k_table_matches_a_groupby_of_the_database(report_dir: Path, study_db: Path):
+    table = pd.read_csv(report_dir / "k_comparison.csv")
+    expected = _db_per_trial(study_db)
+    report = (report_dir / "report.md").read_text()
+    assert set(table["k"]) == {1, 2}
+    for row in table.itertuples():
+        values = expected[expected["k"] == row.k][row.metric]
+        assert row.n == len(values) == 2
+        assert row.mean == pytest.approx(values.mean(), rel=1e-9)
+        low, high = kcompare.t_interval(values)
+        assert (row.ci_low, row.ci_high) == pytest.approx((low, high), rel=1e-9)
+        # the report quotes the same numbers
+        assert f"{kcompare.fmt(row.mean)} [{kcompare.fmt(row.ci_low)}, {kcompare.fmt(row.ci_high)}]" in report
+
+
+def test_written_answer_uses_the_database_numbers(report_dir: Path, study_db: Path):
+    report = (report_dir / "report.md").read_text()
+    expected = _db_per_trial(study_db)
+    means = expected.groupby("k")["rbm.test.log_likelihood"].mean()
+    best_ll = int(means.idxmax())
+    recon = expected.groupby("k")["rbm.test.recon_error"].mean()
+    best_recon = int(recon.idxmin())
+    assert f"at k=1 to {kcompare.fmt(means[2])}" in report.replace("**", "") or kcompare.fmt(means[2]) in report
+    if best_ll != best_recon:
+        assert "disagree about the best k" in report
+    else:
+        assert "agree about the best k" in report and "disagree" not in report
+    diff = (expected["dbn.test.log_likelihood"] - expected["rbm.test.log_likelihood"]).mean()
+    assert f"{kcompare.fmt(diff)} nats on average" in report
+    assert "What changes when k in CD-k grows?" in report and "DBN samples against RBM samples" in report
+
+
+def test_trials_csv_and_overview(report_dir: Path, study_db: Path):
+    table = pd.read_csv(report_dir / "trials.csv")
+    with sqlite3.connect(study_db) as conn:
+        db = pd.read_sql_query("SELECT id, state, objective_value FROM rbm_trials", conn)
+    assert sorted(table["trial_id"]) == sorted(db["id"])
+    merged = table.merge(db, left_on="trial_id", right_on="id")
+    assert (merged["state_x"] == merged["state_y"]).all()
+    report = (report_dir / "report.md").read_text()
+    assert "FloatingPointError: fine-tuning diverged" in report and "pruned by ASHA" in report
+    assert "importances" in report and "Best trials" in report
+
+
+# --- what the report cannot show -----------------------------------------------------------------
+def test_one_k_and_no_completed_trial_are_said(runs: list[dict], tmp_path: Path):
+    one_k = tmp_path / "one_k.db"
+    builddb.write_study(one_k, "onek", [r for r in runs if r["params"]["rbm.cd_k"] == 1])
+    assert main(["report", "--db", str(one_k), "--out", str(tmp_path / "r1")]) == 0
+    text = (tmp_path / "r1" / "report.md").read_text()
+    assert "there is no k-comparison: every completed trial has k=1" in text
+    assert len(list((tmp_path / "r1").glob("trial*_task1_weights.png"))) == 1
+
+    empty = tmp_path / "empty.db"
+    builddb.write_study(empty, "fresh", [], extra_states=(("running", None),), study_status="running")
+    before = _digest(empty)
+    assert main(["report", "--db", str(empty), "--out", str(tmp_path / "r2")]) == 0
+    text = (tmp_path / "r2" / "report.md").read_text()
+    assert "no trial has completed yet, so there are no figures" in text
+    assert "the study is still running" in text
+    assert not list((tmp_path / "r2").glob("trial*.png"))
+    assert _digest(empty) == before  # read, never written
+
+
+def test_snapshot_of_a_study_being_written(study_db: Path, tmp_path: Path):
+    """A writer holding an open transaction (WAL mode, as the study service runs) does not stop the
+    report, and the report sees the last committed state only."""
+    live = tmp_path / "live.db"
+    shutil.copy(study_db, live)
+    writer = sqlite3.connect(live, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("UPDATE rbm_trials SET state = 'failed' WHERE id = 1")
+    try:
+        with open_snapshot(live) as snap:
+            assert snap.trials.set_index("id").loc[1, "state"] == "completed"
+            assert len(snap.final_metrics) > 0
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+# --- bad input -----------------------------------------------------------------------------------
+def _one_line_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err, err
+    return err
+
+
+def test_bad_inputs_exit_2_with_one_line(study_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = str(tmp_path / "out")
+    missing = tmp_path / "missing.db"
+    assert "does not exist" in _one_line_exit_2(["report", "--db", str(missing), "--out", out], capsys)
+    assert not missing.exists()
+    text = tmp_path / "notes.db"
+    text.write_text("hello")
+    assert "not an SQLite database" in _one_line_exit_2(["report", "--db", str(text), "--out", out], capsys)
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE things (x)")
+    before = _digest(foreign)
+    assert "not an rbm-study database" in _one_line_exit_2(["report", "--db", str(foreign), "--out", out], capsys)
+    assert _digest(foreign) == before
+    assert "no study named 'nope'" in _one_line_exit_2(
+        ["report", "--db", str(study_db), "--name", "nope", "--out", out], capsys)
+    assert "no trial with id 999" in _one_line_exit_2(
+        ["report", "--db", str(study_db), "--trial", "999", "--out", out], capsys)
+    assert "no trial with id 999" in _one_line_exit_2(
+        ["export", "--db", str(study_db), "--trial", "999", "--out", out], capsys)
+    assert "has no weight files" in _one_line_exit_2(
+        ["export", "--db", str(study_db), "--trial", "5", "--out", out], capsys)
+
+
+# --- export ----------------------------------------------------------------------------------------
+def test_export_round_trips_through_labfiles(study_db: Path, tmp_path: Path, runs: list[dict]):
+    before = _digest(study_db)
+    assert main(["export", "--db", str(study_db), "--trial", "2", "--out", str(tmp_path)]) == 0
+    assert _digest(study_db) == before
+    for name in ("zad1_rbm.th", "zad2_dbn.th", "zad3_dbn_ft.th"):
+        written = (tmp_path / name).read_bytes()
+        assert written == runs[1]["weights"][name]
+        state = labfiles.load_state(tmp_path / name)
+        original = labfiles.load_state(runs[1]["weights"][name])
+        assert state.keys() == original.keys()
+        assert all(torch.equal(state[k], original[k]) for k in state)
+        labfiles.load(tmp_path / name)
+
+
+# --- the page in a browser -----------------------------------------------------------------------
+def test_index_html_is_self_contained_and_renders(report_dir: Path, tmp_path: Path):
+    page = (report_dir / "index.html").read_text()
+    sources = re.findall(r"<img[^>]*src='([^']*)'", page)
+    assert len(sources) == len(list(report_dir.glob("*.png")))
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not re.search(r"(src|href)=['\"](https?:|file:|//)", page)
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        print("SKIP REASON: no chromium on PATH (Debian: apt-get install chromium)")
+        pytest.skip("no chromium on PATH: the page was checked but not rendered")
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,3000",
+         (report_dir / "index.html").resolve().as_uri()],
+        check=True, timeout=120, capture_output=True,
+    )
+    assert shot.is_file()
+    image = mpimg.imread(shot)[..., :3]
+    assert image.shape[0] >= 2000
+    assert image.std() > 0.05, "the screenshot is blank"
+    # broken images show as small placeholders; the figures are large areas of dark pixels
+    assert (image.mean(axis=2) < 0.3).mean() > 0.02

@@ -1,0 +1,105 @@
+"""Bad input is refused before anything starts: exit code 2, one line naming the problem."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from study.cli import main
+from study.config import load_study_config
+from study.storage import StudyStorage
+from tests.study.conftest import write_config
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("sections", "named"),
+    [
+        ({"search": {"space": {"rbm.nonsense": [1, 2]}}}, "search.space.rbm.nonsense"),
+        ({"search": {"space": {"rbm.cd_k": {"type": "int", "low": 0, "high": 3}}}}, "search.space.rbm.cd_k"),
+        ({"search": {"space": {"rbm.learning_rate": {"type": "float", "low": 0, "high": 1, "log": True}}}},
+         "search.space.rbm.learning_rate"),
+        ({"search": {"space": {"rbm.cd_k": {"type": "int", "low": 1.5, "high": 3}}}}, "search.space.rbm.cd_k"),
+        ({"search": {"space": {"rbm.cd_k": {"type": "normal"}}}}, "search.space.rbm.cd_k"),
+        ({"search": {"space": {"search.num_samples": [1, 2]}}}, "search.space.search.num_samples"),
+        ({"search": {"sampler": "grid", "num_samples": 5, "space": {"rbm.cd_k": [1, 2]}}}, "search.num_samples"),
+        ({"search": {"sampler": "bayes"}}, "search.sampler"),
+        ({"objective": {"metric": "val_accuracy"}}, "objective.metric"),
+        ({"objective": {"metric": ["final.val.log_likelihood", "rbm.val.recon_error"], "mode": ["max"]}},
+         "objective.mode"),
+        ({"resources": {"cpus_per_trial": 0}}, "resources.cpus_per_trial"),
+        ({"rbm": {"cd_k": 0}}, "rbm.cd_k"),
+    ],
+)
+def test_invalid_config_is_refused_naming_the_key(tmp_path, capsys, sections, named):
+    config = write_config(tmp_path, **sections)
+    db = tmp_path / "study.db"
+    code, err = run(capsys, "launch", str(config), "--db", str(db))
+    assert code == 2
+    assert named in err and len(err.strip().splitlines()) == 1
+    assert not db.exists()
+
+
+def test_search_space_forms(tmp_path):
+    config = write_config(tmp_path, search={"space": {
+        "rbm.cd_k": [1, 3],
+        "rbm.hidden_size": {"type": "int", "low": 50, "high": 150, "step": 50},
+        "rbm.learning_rate": {"type": "float", "low": 0.01, "high": 0.3, "log": True},
+        "finetune.epochs": {"type": "categorical", "values": [0, 2]},
+    }})
+    study = load_study_config(str(config), ["search.num_samples=5"])
+    assert {p.key: p.kind for p in study.params} == {
+        "rbm.cd_k": "categorical", "rbm.hidden_size": "int", "rbm.learning_rate": "float",
+        "finetune.epochs": "categorical",
+    }
+    assert study.num_samples == 5
+    lab = study.lab_config({"rbm.cd_k": 3, "rbm.learning_rate": 0.02})
+    assert (lab["rbm"]["cd_k"], lab["rbm"]["learning_rate"]) == (3, 0.02) and "search" not in lab
+
+
+def test_lab_yaml_is_a_study_of_one_trial():
+    study = load_study_config("configs/lab.yaml")
+    assert study.num_samples == 1 and study.params == []
+
+
+def test_launch_of_an_existing_name_points_to_resume(tmp_path, capsys):
+    db = tmp_path / "study.db"
+    StudyStorage(db, create=True).create_study("tiny", {}, 1, "final.val.log_likelihood", "max", "test")
+    code, err = run(capsys, "launch", str(write_config(tmp_path)), "--db", str(db), "--name", "tiny")
+    assert code == 2 and "already exists" in err and "rbm-study resume" in err
+
+
+def test_resume_of_an_unknown_name_lists_the_names(tmp_path, capsys):
+    db = tmp_path / "study.db"
+    storage = StudyStorage(db, create=True)
+    for name in ("alpha", "beta"):
+        storage.create_study(name, {}, 1, "final.val.log_likelihood", "max", "test")
+    code, err = run(capsys, "resume", "--db", str(db), "--name", "gamma")
+    assert code == 2 and "alpha, beta" in err
+    code, err = run(capsys, "status", "--db", str(db), "--name", "gamma")
+    assert code == 2 and "alpha, beta" in err
+
+
+def test_foreign_database_is_refused_and_unchanged(tmp_path, capsys):
+    db = tmp_path / "other.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE measurements (x REAL)")
+    con.commit()
+    con.close()
+    before = db.read_bytes()
+    for argv in (("launch", str(write_config(tmp_path)), "--db", str(db)), ("resume", "--db", str(db)),
+                 ("status", "--db", str(db))):
+        code, err = run(capsys, *argv)
+        assert code == 2 and "not an rbm-study database" in err
+    assert db.read_bytes() == before
+
+
+def test_missing_database(tmp_path, capsys):
+    code, err = run(capsys, "status", "--db", str(tmp_path / "none.db"))
+    assert code == 2 and "rbm-study launch" in err
+    assert not (tmp_path / "none.db").exists()
