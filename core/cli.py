@@ -58,7 +58,10 @@ def run_command(args: argparse.Namespace) -> int:
         set_dotted(config, "device", args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = run_lab(config, progress=True)
+    try:
+        result = run_lab(config, progress=True)
+    except FloatingPointError as err:  # a learning rate too large for the data: the user's to change
+        raise UserError(str(err)) from None
     written = [labfiles.save(model, out / labfiles.FILE_NAMES[stage]) for stage, model in result.models().items()]
     nested: dict = {}
     for name, value in result.metrics.items():

@@ -11,10 +11,15 @@ seed: log-likelihood (exact when a layer is small, else AIS) or the DBN's variat
 reconstruction error, pseudo-log-likelihood and the free-energy gap. Final metrics are one flat
 dict with dotted names (`rbm.val.log_likelihood`, `final.test.log_likelihood`, ...); per-epoch
 metrics go to `on_epoch(stage, epoch, metrics)` as they happen.
+
+After tasks 1 and 2 the run hands a `LabCheckpoint` to `on_checkpoint`: the finished models, their
+metrics and the random generator's state. `run_lab(..., resume_from=checkpoint)` carries on from
+there and, on the CPU, ends with the same weights as a run that was never interrupted.
 """
 
 from __future__ import annotations
 
+import io
 import statistics
 import time
 from collections.abc import Callable
@@ -33,6 +38,31 @@ from core.train import CDSettings, train_rbm
 STAGES = ("rbm", "dbn", "finetune")
 StageEpochCallback = Callable[[str, int, dict[str, float]], None]
 EPOCH_EVAL_ROWS = 1000  # rows of the validation set scored after every epoch (cheap signals)
+
+
+@dataclass
+class LabCheckpoint:
+    """A run after a finished stage: enough to carry on as if it had never stopped."""
+
+    stage: str  # the last finished stage, "rbm" or "dbn"
+    models: dict[str, dict[str, torch.Tensor]]  # stage -> lab-format tensors (core.labfiles)
+    metrics: dict[str, float]
+    epoch_seconds: dict[str, list[float]]
+    generator_state: torch.Tensor
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(
+            {"stage": self.stage, "models": self.models, "metrics": self.metrics,
+             "epoch_seconds": self.epoch_seconds, "generator_state": self.generator_state},
+            buffer,
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LabCheckpoint:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return cls(**state)
 
 
 @dataclass
@@ -87,18 +117,41 @@ def run_lab(
     on_epoch: StageEpochCallback | None = None,
     data: MNIST | None = None,
     progress: bool = False,
+    resume_from: LabCheckpoint | None = None,
+    on_checkpoint: Callable[[LabCheckpoint], None] | None = None,
 ) -> LabResult:
-    """Run tasks 1-3 with a validated config (see `core.config.LAB_KEYS`)."""
+    """Run tasks 1-3 with a validated config (see `core.config.LAB_KEYS`).
+
+    `resume_from` must come from a run of the same config; stages it holds are not trained again.
+    """
     started = time.perf_counter()
     device = resolve_device(config["device"])
     generator = torch.Generator(device=device).manual_seed(config["seed"])
+    done = STAGES.index(resume_from.stage) + 1 if resume_from is not None else 0
     d, r, s, f, e = (config[k] for k in ("data", "rbm", "dbn", "finetune", "eval"))
     if data is None:
         data = load_mnist(d["root"], device, d["val_size"], d["subset"])
     sets = _EvalSets.build(data, e["size"])
-    total_epochs = r["epochs"] + s["epochs"] + f["epochs"]
-    bar = tqdm(total=total_epochs, disable=not progress, unit="epoch", dynamic_ncols=True)
+    epochs = {"rbm": r["epochs"], "dbn": s["epochs"], "finetune": f["epochs"]}
+    bar = tqdm(total=sum(epochs.values()), initial=sum(epochs[stage] for stage in STAGES[:done]),
+               disable=not progress, unit="epoch", dynamic_ncols=True)
     metrics: dict[str, float] = {"eval.ais_chains": e["ais_chains"], "eval.ais_betas": e["ais_betas"]}
+    epoch_log: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    models: dict[str, dict[str, torch.Tensor]] = {}
+    if resume_from is not None:
+        generator.set_state(resume_from.generator_state.to(generator.get_state().device))
+        metrics.update(resume_from.metrics)
+        epoch_log.update({stage: list(s) for stage, s in resume_from.epoch_seconds.items()})
+        models.update(resume_from.models)
+
+    def checkpoint(stage: str, model: labfiles.Model) -> None:
+        models[stage] = labfiles.state_of(model)
+        if on_checkpoint is not None:
+            on_checkpoint(LabCheckpoint(stage, dict(models), dict(metrics),
+                                        {k: list(v) for k, v in epoch_log.items()}, generator.get_state()))
+
+    def restored(stage: str) -> labfiles.Model:
+        return labfiles.model_from_state(models[stage], device)
 
     def report(stage: str) -> Callable[[int, dict[str, float]], None]:
         def callback(epoch: int, values: dict[str, float]) -> None:
@@ -118,26 +171,33 @@ def run_lab(
 
     # --- task 1: the RBM ----------------------------------------------------------------------
     pixel_bias = visible_bias_from_means(data.train.mean(dim=0))
-    rbm = RBM.init(784, r["hidden_size"], generator=generator, device=device, visible_bias=pixel_bias)
-    rbm_settings = CDSettings(
-        cd_k=r["cd_k"], persistent=r["persistent"], learning_rate=r["learning_rate"], epochs=r["epochs"],
-        batch_size=r["batch_size"], momentum=r["momentum"], weight_decay=r["weight_decay"],
-    )
-    epoch_log: dict[str, list[float]] = {stage: [] for stage in STAGES}
-    train_rbm(rbm, data.train, rbm_settings, generator, _timed(report("rbm"), epoch_log["rbm"]),
-              epoch_metrics=lambda m: _rbm_epoch_metrics(m, sets, generator))
-    metrics.update(_score_rbm(rbm, sets, ais(rbm, pixel_bias), generator))
+    if done < 1:
+        rbm = RBM.init(784, r["hidden_size"], generator=generator, device=device, visible_bias=pixel_bias)
+        rbm_settings = CDSettings(
+            cd_k=r["cd_k"], persistent=r["persistent"], learning_rate=r["learning_rate"], epochs=r["epochs"],
+            batch_size=r["batch_size"], momentum=r["momentum"], weight_decay=r["weight_decay"],
+        )
+        train_rbm(rbm, data.train, rbm_settings, generator, _timed(report("rbm"), epoch_log["rbm"]),
+                  epoch_metrics=lambda m: _rbm_epoch_metrics(m, sets, generator))
+        metrics.update(_score_rbm(rbm, sets, ais(rbm, pixel_bias), generator))
+        checkpoint("rbm", rbm)
+    else:
+        rbm = restored("rbm")
 
     # --- task 2: the DBN ----------------------------------------------------------------------
-    dbn_settings = CDSettings(
-        cd_k=s["cd_k"], learning_rate=s["learning_rate"], epochs=s["epochs"], batch_size=r["batch_size"]
-    )
-    top = train_dbn_layer([rbm], s["hidden_size"], data.train, dbn_settings, generator,
-                          _timed(report("dbn"), epoch_log["dbn"]))
-    dbn = DBN([rbm.clone(), top])
     h1_bias = visible_bias_from_means(mean_activity([rbm], data.train))
-    top_estimate = ais(dbn.top, h1_bias)
-    metrics.update(_score_dbn("dbn", _untied(dbn), sets, top_estimate, generator))
+    if done < 2:
+        dbn_settings = CDSettings(
+            cd_k=s["cd_k"], learning_rate=s["learning_rate"], epochs=s["epochs"], batch_size=r["batch_size"]
+        )
+        top = train_dbn_layer([rbm], s["hidden_size"], data.train, dbn_settings, generator,
+                              _timed(report("dbn"), epoch_log["dbn"]))
+        dbn = DBN([rbm.clone(), top])
+        top_estimate = ais(dbn.top, h1_bias)
+        metrics.update(_score_dbn("dbn", _untied(dbn), sets, top_estimate, generator))
+        checkpoint("dbn", dbn)
+    else:
+        dbn = restored("dbn")
 
     # --- task 3: up-down fine-tuning -----------------------------------------------------------
     finetuned = None

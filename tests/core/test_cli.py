@@ -64,3 +64,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     done = rbm_study(*[a.format(tmp=tmp_path) for a in args])
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_divergence_is_a_one_line_message(tmp_path, mnist_dir):
+    sets = [a for s in [*TINY, "rbm.learning_rate=3e38"] for a in ("--set", s)]
+    done = rbm_study("run", "configs/lab.yaml", "--out", str(tmp_path), "--data-dir", mnist_dir, *sets)
+    assert done.returncode == 2 and "diverged" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()[-1:]) == 1 and "Traceback" not in done.stderr

@@ -6,7 +6,7 @@ import torch
 from core import evaluate
 from core.config import load_config
 from core.data import binarize_once, load_mnist
-from core.pipeline import run_lab
+from core.pipeline import LabCheckpoint, run_lab
 from core.rbm import RBM, visible_bias_from_means
 from core.train import CDSettings, train_rbm
 from tests.conftest import TINY
@@ -63,3 +63,21 @@ def test_finetune_zero_epochs_skips_task_three(mnist):
     result = run_lab(config, data=mnist)
     assert result.finetuned is None and "zad3_dbn_ft.th" not in result.weight_files()
     assert result.metrics["final.val.log_likelihood"] == result.metrics["dbn.val.log_likelihood"]
+
+
+def test_resuming_from_a_stage_checkpoint_gives_the_same_run(mnist):
+    config = load_config("configs/lab.yaml", [*TINY, "device=cpu"])
+    checkpoints = []
+    whole = run_lab(config, data=mnist, on_checkpoint=lambda c: checkpoints.append(c.to_bytes()))
+    assert [LabCheckpoint.from_bytes(c).stage for c in checkpoints] == ["rbm", "dbn"]
+    for data in checkpoints:
+        seen = []
+        resumed = run_lab(config, data=mnist, resume_from=LabCheckpoint.from_bytes(data),
+                          on_epoch=lambda stage, epoch, m, seen=seen: seen.append(stage))
+        assert "rbm" not in seen  # task 1 was not trained again
+        assert torch.equal(resumed.finetuned.G, whole.finetuned.G)
+        assert torch.equal(resumed.dbn.top.W, whole.dbn.top.W)
+        def measured(metrics: dict) -> dict:  # all but the timings
+            return {k: v for k, v in metrics.items() if "seconds" not in k}
+
+        assert measured(resumed.metrics) == measured(whole.metrics)
