@@ -25,7 +25,7 @@ MAX_SAMPLED_TRIALS = 60  # trials whose samples enter the sample statistics (bes
 
 def load_test_digits(config: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
     """The first N_DIGITS test images (grey, and binarised once) or (None, None, why not)."""
-    from core.data import ENV_VAR, binarize_once, load_mnist
+    from core.data import ENV_VAR, binarize_once, has_mnist, load_mnist
 
     candidates = []
     configured = (config.get("data") or {}).get("root") if isinstance(config, dict) else None
@@ -33,10 +33,7 @@ def load_test_digits(config: dict) -> tuple[torch.Tensor | None, torch.Tensor | 
         if root and Path(root) not in candidates:
             candidates.append(Path(root))
     for root in candidates:
-        raw = root / "MNIST" / "raw"
-        names = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte",
-                 "train-labels-idx1-ubyte")
-        if all((raw / n).exists() or (raw / f"{n}.gz").exists() for n in names):
+        if has_mnist(root):
             try:
                 data = load_mnist(root, "cpu", subset=figures.N_DIGITS)
             except Exception as err:  # a damaged copy: the rest of the report still renders

@@ -10,12 +10,18 @@ written in one transaction per event and is therefore always the truth. So every
 1. trials the file still calls `running` belonged to a dead driver: mark them `interrupted`;
 2. `study.search.reconcile` makes Optuna's history agree with the file and queues the params of
    the interrupted trials, so they run again first and take over their old row (no new trial);
-3. run a fresh Tune experiment for exactly `num_samples - finished` trials, where finished means
+3. start the checkpoint store (`study.checkpoints`), seeded with the last stage checkpoint the
+   file holds for each interrupted trial (`rbm_checkpoints`), so each of them carries on after
+   its last finished stage (rbm or dbn) instead of from scratch; on the CPU that gives the same
+   weights and metrics as a run that was never interrupted;
+4. run a fresh Tune experiment for exactly `num_samples - finished` trials, where finished means
    completed, failed (diverged, or out of retries) or pruned (ASHA).
 
 Completed trials are thus never re-run, every trial is counted once, and Optuna keeps its whole
-history (interrupted attempts stay in it as FAIL, tagged `rbm_study_interrupted`). Ray's own folder
-(`<db>.ray/`) only holds logs and per-attempt state; deleting it loses nothing a report needs.
+history (interrupted attempts stay in it as FAIL, tagged `rbm_study_interrupted`). A trial that
+Ray retries after its worker died resumes the same way, from the store, which lives on the head
+node. A trial's checkpoint row is deleted once it finishes. Ray's own folder (`<db>.ray/`) only
+holds logs and per-attempt state; deleting it loses nothing a report needs.
 """
 
 from __future__ import annotations
@@ -151,6 +157,7 @@ def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyC
     from optuna.trial import TrialState
     from ray.tune import Callback
 
+    from study.checkpoints import find_store
     from study.search import objective_values
     from study.trainable import trial_params
 
@@ -164,6 +171,19 @@ def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyC
             self.rows: dict[str, int] = {}
             self.nodes: dict[str, str] = {}
             self.final: dict[str, dict] = {}
+            self.keys: dict[str, str] = {}  # Ray trial id -> config key (study.checkpoints)
+
+        def _forget_checkpoint(self, trial_id: str) -> None:
+            """Drop a finished trial's checkpoint from the store, unless a trial with the same config
+            is still under way (a retry of it may need it). By name: no actor handle in the
+            callback, which Tune pickles. The store is a cache; the database decides."""
+            key = self.keys.pop(trial_id, None)
+            store = find_store() if key is not None and key not in self.keys.values() else None
+            if store is not None:
+                try:
+                    store.remove.remote(key)
+                except Exception as err:
+                    log.warning("could not drop checkpoint %s from the store: %s", key[:12], err)
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info_: Any) -> None:
             params = trial_params(trial.config, searched)
@@ -184,7 +204,14 @@ def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyC
                 storage.set_trial_node(row, node)
                 self.nodes[trial.trial_id] = node
             kind = result.get("kind")
-            if kind == "epoch":
+            if isinstance(result.get("config_key"), str):
+                self.keys[trial.trial_id] = result["config_key"]
+            if kind == "checkpoint":
+                # Popped, so Tune's trial state (last_result, pickled with the experiment) stays small.
+                data = result.pop("checkpoint", None)
+                if isinstance(data, bytes) and data:
+                    storage.save_checkpoint(row, str(result["stage"]), str(result["config_key"]), data)
+            elif kind == "epoch":
                 stage = result["stage"]
                 values = {
                     k: v for k, v in result.items()
@@ -207,6 +234,7 @@ def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyC
             if row is None:
                 return
             final = self.final.pop(trial.trial_id, None)
+            self._forget_checkpoint(trial.trial_id)  # finish_trial deletes its row in the database
             if final is None:
                 state = "pruned" if asha else "failed"
                 storage.finish_trial(row, state, error=None if asha else "the trial ended without a final result")
@@ -234,6 +262,7 @@ def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyC
             if row is None:
                 return
             self.final.pop(trial.trial_id, None)
+            self._forget_checkpoint(trial.trial_id)
             storage.finish_trial(row, "failed", error=_error_text(trial))
             searcher.tell(trial.trial_id, TrialState.FAIL)
 
@@ -285,6 +314,7 @@ def run_study(storage: StudyStorage, info: StudyInfo, study: StudyConfig, addres
     import ray
     from ray import tune
 
+    from study.checkpoints import start_store
     from study.progress import ProgressCallback, summary_line
     from study.trainable import run_trial
 
@@ -292,6 +322,10 @@ def run_study(storage: StudyStorage, info: StudyInfo, study: StudyConfig, addres
     try:
         slots = study.config["search"]["max_concurrent"] or trial_slots(study)
         print(f"  {remaining} trial(s) to run on {where}, up to {slots} at a time")
+        seed = storage.checkpoints_for_interrupted(info.id)
+        store = start_store(seed)  # held until Tune is done: the trials look it up by name
+        if seed:
+            print(f"  {len(seed)} interrupted trial config(s) carry on from their last stage checkpoint")
         searcher = StudySearch(study, info.name, optuna_storage(storage.url))
         callbacks: list = [make_database_callback(storage, info, study, searcher)]
         if progress and study.config["resources"]["progress"]:
@@ -308,9 +342,14 @@ def run_study(storage: StudyStorage, info: StudyInfo, study: StudyConfig, addres
         scheduler = None
         if study.config["search"]["scheduler"] == "asha":
             a = study.config["search"]["asha"]
+            # Time is the epoch across stages (`lab_epoch`, see study.trainable): checkpoint and final
+            # results carry none, so they are no step, and a resumed trial's epochs keep their count.
+            # A trial that reaches max_t ends by itself, with its final result (Tune stopping it
+            # there would lose that result and count a finished trial as pruned).
             scheduler = tune.schedulers.ASHAScheduler(
-                time_attr="training_iteration", metric=a["metric"], mode=a["mode"], grace_period=a["grace_period"],
+                time_attr="lab_epoch", metric=a["metric"], mode=a["mode"], grace_period=a["grace_period"],
                 reduction_factor=a["reduction_factor"], max_t=_max_training_iterations(study),
+                stop_last_trials=False,
             )
         tuner = tune.Tuner(
             trainable,
@@ -330,6 +369,7 @@ def run_study(storage: StudyStorage, info: StudyInfo, study: StudyConfig, addres
         # Tune's result grid looks for result.json files we chose not to write (the database has it all).
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         tuner.fit()
+        del store
     except BaseException:
         storage.interrupt_running(info.id)
         storage.set_study_status(info.id, "interrupted")

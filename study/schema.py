@@ -8,6 +8,9 @@ One file holds everything a study produces, so that a report needs only the `.db
     rbm_epoch_metrics   long format: (trial, stage, epoch, name) -> value, one row a metric
     rbm_final_metrics   long format: (trial, name) -> value, e.g. 'rbm.test.log_likelihood'
     rbm_weights         the lab's weight files of a finished trial, as torch.save bytes
+    rbm_checkpoints     the last stage checkpoint of a trial that has not finished (at most one a
+                        trial, deleted when it finishes): what an interrupted or retried trial
+                        resumes from, keyed for lookup by its config key (`study.checkpoints`)
 
 Optuna's own tables (`studies`, `trials`, ...) live in the same file, which is why ours carry the
 `rbm_` prefix. Every other module talks to the database through `study.storage`; only the driver
@@ -108,3 +111,12 @@ class Weights(Base):
     trial_id: Mapped[int] = mapped_column(ForeignKey("rbm_trials.id"), primary_key=True)
     file_name: Mapped[str] = mapped_column(String(64), primary_key=True)  # zad1_rbm.th, ...
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Checkpoint(Base):
+    __tablename__ = "rbm_checkpoints"
+    trial_id: Mapped[int] = mapped_column(ForeignKey("rbm_trials.id"), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(16))  # the last finished stage: rbm or dbn
+    config_key: Mapped[str] = mapped_column(String(64), index=True)  # sha256 hex, study.checkpoints.config_key
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # study.checkpoints.pack: epoch rows + LabCheckpoint bytes
+    created_at: Mapped[datetime] = mapped_column(DateTime)

@@ -34,6 +34,7 @@ from study.schema import (
     SCHEMA_VERSION,
     TRIAL_STATES,
     Base,
+    Checkpoint,
     EpochMetric,
     FinalMetric,
     Meta,
@@ -274,6 +275,11 @@ class StudyStorage:
         - a trial with the params of an `interrupted` one (a resume re-running it): that row
           is taken over, attempt + 1, its epoch metrics kept and overwritten as they come again;
         - otherwise a new row with the next number.
+
+        Either way an existing row keeps its stage checkpoint until a newer one replaces it. A
+        run that resumes from a checkpoint sends the finished stages' epoch metrics again, with
+        the values of the attempt that made the checkpoint, so (trial, stage, epoch, name) stays
+        one row with one value.
         """
         with self._write() as s:
             row = s.scalar(select(Trial).where(Trial.study_id == study_id, Trial.ray_trial_id == ray_trial_id))
@@ -307,6 +313,7 @@ class StudyStorage:
         rows = [
             {"trial_id": trial_id, "stage": stage, "epoch": epoch, "name": k, "value": float(v)}
             for k, v in metrics.items()
+            if _storable(v)
         ]
         if not rows:
             return
@@ -336,11 +343,13 @@ class StudyStorage:
                 s.add_all(
                     FinalMetric(trial_id=trial_id, name=k, value=float(v))
                     for k, v in final_metrics.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    if _storable(v)
                 )
             if weights:
                 s.query(Weights).filter(Weights.trial_id == trial_id).delete()
                 s.add_all(Weights(trial_id=trial_id, file_name=k, data=v) for k, v in weights.items())
+            if state in FINISHED_STATES:  # never run again: its checkpoint is dead weight
+                s.query(Checkpoint).filter(Checkpoint.trial_id == trial_id).delete()
             s.get_one(Study, row.study_id).updated_at = now()
             s.flush()
             return _trial_info(row)
@@ -353,6 +362,44 @@ class StudyStorage:
                 row.state = "interrupted"
                 row.error = "the driver stopped while this trial ran; it runs again on resume"
             return [_trial_info(r) for r in rows]
+
+    # --- stage checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self, trial_id: int, stage: str, config_key: str, data: bytes) -> None:
+        """The trial's latest stage checkpoint (one a trial: a later one replaces it)."""
+        stmt = sqlite_insert(Checkpoint).values(
+            trial_id=trial_id, stage=stage, config_key=config_key, data=data, created_at=now()
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["trial_id"],
+            set_={k: stmt.excluded[k] for k in ("stage", "config_key", "data", "created_at")},
+        )
+        with self._write() as s:
+            s.execute(stmt)
+
+    def checkpoint(self, trial_id: int) -> tuple[str, str, bytes] | None:
+        """(stage, config_key, data) of the trial's checkpoint, if it has one."""
+        with self._read() as s:
+            row = s.execute(
+                select(Checkpoint.stage, Checkpoint.config_key, Checkpoint.data).where(Checkpoint.trial_id == trial_id)
+            ).first()
+            return None if row is None else (row[0], row[1], row[2])
+
+    def checkpoints_for_interrupted(self, study_id: int) -> dict[str, bytes]:
+        """config key -> checkpoint of the study's `interrupted` trials (the latest stage wins when
+        two share a key: the run is seeded, so either is valid for any trial with that config)."""
+        order = {"rbm": 0, "dbn": 1}
+        found: dict[str, tuple[int, bytes]] = {}
+        with self._read() as s:
+            for key, stage, data in s.execute(
+                select(Checkpoint.config_key, Checkpoint.stage, Checkpoint.data)
+                .join(Trial, Trial.id == Checkpoint.trial_id)
+                .where(Trial.study_id == study_id, Trial.state == "interrupted")
+                .order_by(Trial.number)
+            ):
+                rank = order.get(stage, -1)
+                if key not in found or rank > found[key][0]:
+                    found[key] = (rank, data)
+        return {key: data for key, (_, data) in found.items()}
 
     def trials(self, study_id: int) -> list[TrialInfo]:
         with self._read() as s:
@@ -402,6 +449,13 @@ class StudyStorage:
     def integrity_check(self) -> str:
         with self.engine.connect() as con:
             return str(con.exec_driver_sql("PRAGMA integrity_check").scalar())
+
+
+def _storable(value: Any) -> bool:
+    """A number SQLite can hold in a NOT NULL REAL column: NaN would be stored as NULL and refused
+    (the whole transaction with it), so a NaN metric is left out; a missing objective then fails the
+    trial as 'not finite' (study.driver)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def _same(a: dict, b: dict) -> bool:

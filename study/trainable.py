@@ -3,25 +3,41 @@
 Runs wherever Ray places it (any node of a cluster) and never touches the database: everything
 goes back to the driver through `tune.report`:
 
-    per epoch   {"kind": "epoch", "stage", "epoch", "node", <metric>, "<stage>.<metric>", ...}
-    at the end  {"kind": "final", "node", <final metrics, dotted names>, "weights": {file: bytes}}
-    or          {"kind": "failed", "node", "error": "..."}   a diverged run or bad input
+    per epoch   {"kind": "epoch", "stage", "epoch", "lab_epoch", "node", <metric>, "<stage>.<metric>", ...}
+    per stage   {"kind": "checkpoint", "stage", "config_key", "checkpoint": bytes, "node"}  (rbm, dbn)
+    at the end  {"kind": "final", "node", "config_key", <final metrics, dotted names>,
+                 "trial.resumed_after_stage", "weights": {file: bytes}}
+    or          {"kind": "failed", "node", "config_key", "error": "..."}   a diverged run or bad input
 
-The weight files travel inside the final result, not as a Tune checkpoint, so a cluster needs no
-shared filesystem: the bytes reach the driver over Ray's object transfer and the driver stores
-them. Divergence (NaN weights) and user errors (MNIST missing on a node) are reported as a
-`failed` result instead of raised, because raising would make Tune retry a trial that can only
-fail the same way; crashes and dead workers do raise, and Tune retries those (bounded).
+`lab_epoch` counts epochs across the stages (rbm, then dbn, then finetune), whatever attempt
+reports them: it is ASHA's time attribute, so the checkpoint and final results, which lack it,
+never count as a step. The weight files travel inside the final result, not as a Tune
+checkpoint, so a cluster needs no shared filesystem: the bytes reach the driver over Ray's object
+transfer and the driver stores them.
+
+Stage checkpoints (`study.checkpoints`): before training, the trial asks the study's checkpoint
+store for one of its config and, if there is one, carries on after that stage; it first sends the
+epoch metrics of the stages the checkpoint holds again (same values, so the database keeps one
+row each), and its final result says where it started: `trial.resumed_after_stage` 0 (from
+scratch), 1 (after rbm) or 2 (after dbn). Each new checkpoint goes into the store at once, so a
+retry after a worker death finds it, and to the driver, which writes it to the database.
+
+Divergence (NaN weights, or NaN final metrics from weights that exploded but stayed finite) and
+user errors (MNIST missing on a node) are reported as a `failed` result instead of raised, because
+raising would make Tune retry a trial that can only fail the same way; crashes and dead workers do
+raise, and Tune retries those (bounded).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import traceback
 from typing import Any
 
 from core.errors import UserError
+from study.checkpoints import EpochRow, config_key, find_store, pack, store_get, store_put, unpack
 from study.config import StudyConfig
 
 NODE_ENV = "RBM_STUDY_NODE"  # optional human name of a node, set by docker/entrypoint.sh
@@ -47,38 +63,76 @@ def run_trial(config: dict[str, Any], study_config: dict | None = None, searched
     import torch
     from ray import tune
 
-    from core.pipeline import run_lab
+    from core.pipeline import STAGES, LabCheckpoint, run_lab
 
     study = StudyConfig(study_config or {}, [])
     cpus = study.config.get("resources", {}).get("cpus_per_trial", 1)
     torch.set_num_threads(max(1, int(cpus)))
     node = node_name()
     params = trial_params(config, searched or [])
+    key: str | None = None
+    epochs: list[EpochRow] = []  # every epoch so far, for the next checkpoint
+    offsets: dict[str, int] = {}
 
     def on_epoch(stage: str, epoch: int, metrics: dict[str, float]) -> None:
         values = {k: float(v) for k, v in metrics.items()}
+        epochs.append((stage, epoch, values))
         tune.report({
-            "kind": "epoch", "stage": stage, "epoch": epoch, "node": node,
-            **values, **{f"{stage}.{k}": v for k, v in values.items()},
+            "kind": "epoch", "stage": stage, "epoch": epoch, "lab_epoch": offsets.get(stage, 0) + epoch,
+            "node": node, **values, **{f"{stage}.{k}": v for k, v in values.items()},
         })
 
+    def on_checkpoint(checkpoint: LabCheckpoint) -> None:
+        data = pack(checkpoint.to_bytes(), epochs)
+        store_put(store, key, data)
+        tune.report({"kind": "checkpoint", "stage": checkpoint.stage, "config_key": key, "checkpoint": data,
+                     "node": node})
+
+    store = find_store()
     try:
         lab = study.lab_config(params)
-        result = run_lab(lab, on_epoch=on_epoch)
+        key = config_key(lab)
+        for i, stage in enumerate(STAGES):
+            offsets[stage] = sum(lab[s]["epochs"] for s in STAGES[:i])
+        resume_from = _resume_point(store_get(store, key))
+        resumed_after = 0
+        if resume_from is not None:
+            resume_from, replay = resume_from
+            resumed_after = STAGES.index(resume_from.stage) + 1
+            for stage, epoch, values in replay:
+                on_epoch(stage, epoch, values)
+        result = run_lab(lab, on_epoch=on_epoch, resume_from=resume_from, on_checkpoint=on_checkpoint)
     except FloatingPointError as err:
-        tune.report({"kind": "failed", "node": node, "error": f"diverged (NaN weights): {err}"})
+        tune.report({"kind": "failed", "node": node, "config_key": key, "error": f"diverged (NaN weights): {err}"})
         return
     except UserError as err:
-        tune.report({"kind": "failed", "node": node, "error": f"{type(err).__name__}: {err}"})
+        tune.report({"kind": "failed", "node": node, "config_key": key, "error": f"{type(err).__name__}: {err}"})
         return
     except Exception:
         traceback.print_exc()
         raise
+    nan = sorted(k for k, v in result.metrics.items() if isinstance(v, float) and math.isnan(v))
+    if nan:  # finite but exploded weights: their log Z and likelihoods are NaN
+        shown = ", ".join(nan[:4]) + (f" and {len(nan) - 4} more" if len(nan) > 4 else "")
+        tune.report({"kind": "failed", "node": node, "config_key": key, "error": f"diverged (NaN metrics: {shown})"})
+        return
     tune.report({
-        "kind": "final", "node": node, "lab_seconds": result.seconds,
+        "kind": "final", "node": node, "config_key": key, "lab_seconds": result.seconds,
         **{k: float(v) for k, v in result.metrics.items()},
+        "trial.resumed_after_stage": float(resumed_after),
         "weights": result.weight_files(),
     })
 
 
+def _resume_point(data: bytes | None) -> tuple[Any, list[EpochRow]] | None:
+    """(LabCheckpoint, epoch rows to send again) from the store's bytes, or None to start afresh."""
+    from core.pipeline import LabCheckpoint
 
+    if data is None:
+        return None
+    try:
+        lab_bytes, replay = unpack(data)
+        return LabCheckpoint.from_bytes(lab_bytes), replay
+    except Exception as err:  # unreadable (e.g. written by another version): not worth failing for
+        print(f"ignoring an unreadable stage checkpoint, starting from scratch: {err}", flush=True)
+        return None

@@ -106,18 +106,19 @@ def test_two_nodes_both_run_trials(cluster, tmp_path):
 def test_worker_killed_mid_trial_is_retried_and_study_completes(cluster, tmp_path):
     """Runs after the two-node test: it takes the worker node down for good."""
     config = write_config(
-        # Trials long enough (tens of seconds) to be caught mid-way on the worker.
-        tmp_path, rbm={"hidden_size": 25, "epochs": 30}, data={"subset": 4000, "val_size": 1000},
+        # Fine-tuning long enough (~10 s) to kill the worker after a trial there made its first
+        # stage checkpoint and before the trial ends.
+        tmp_path, data={"subset": 8000, "val_size": 1000}, finetune={"epochs": 60},
         search={"num_samples": 3, "space": {"rbm.cd_k": [1, 2]}}, resources={"max_failures": 2},
     )
     proc, db, log = drive(cluster, tmp_path, config, "worker-kill")
 
-    def worker_midway() -> bool:
-        return bool(query(db, "SELECT 1 FROM rbm_trials t JOIN rbm_epoch_metrics e ON e.trial_id = t.id "
-                              "WHERE t.state = 'running' AND t.node LIKE 'worker-1@%' LIMIT 1"))
+    def worker_checkpointed() -> list[tuple]:
+        return query(db, "SELECT t.number FROM rbm_trials t JOIN rbm_checkpoints c ON c.trial_id = t.id "
+                         "WHERE t.state = 'running' AND t.node LIKE 'worker-1@%'")
 
     try:
-        wait_for(worker_midway, 240, "a trial mid-way on the worker", proc, log)
+        wait_for(worker_checkpointed, 240, "a trial on the worker past its first stage", proc, log)
         kill_group(cluster.worker)  # SIGKILL the whole worker node: raylet, its workers, the trial
         assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
     finally:
@@ -127,3 +128,8 @@ def test_worker_killed_mid_trial_is_retried_and_study_completes(cluster, tmp_pat
     retried = query(db, "SELECT attempt, node FROM rbm_trials WHERE attempt > 1")
     assert retried and all(node.startswith("head@") for _, node in retried), retried
     assert query(db, "SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'") == [(3,)]
+    # The retry carried on from the checkpoint its first attempt had put in the store (on the head).
+    resumed = query(db, "SELECT f.value FROM rbm_final_metrics f JOIN rbm_trials t ON t.id = f.trial_id "
+                        "WHERE t.attempt > 1 AND f.name = 'trial.resumed_after_stage'")
+    assert resumed and all(v >= 1 for (v,) in resumed), resumed
+    assert query(db, "SELECT COUNT(*) FROM rbm_checkpoints") == [(0,)]

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
+import torch
 
+from core import labfiles
+from core.data import load_mnist
+from core.pipeline import STAGES, LabResult, run_lab
+from study.storage import StudyStorage
 from tests.study.conftest import (
+    MNIST,
     cli,
     kill_group,
     needs_mnist,
@@ -70,3 +77,86 @@ def test_sigkill_then_resume_finishes_exactly_num_samples(tmp_path):
     assert query(db, "SELECT COUNT(DISTINCT trial_id) FROM rbm_weights") == [(4,)]
     assert query(db, "SELECT status FROM rbm_studies") == [("completed",)]
     assert query(db, "PRAGMA integrity_check") == [("ok",)]
+
+
+def _reference_run(lab: dict) -> tuple[LabResult, dict[tuple[str, int, str], float]]:
+    """The trial's config run uninterrupted in this process, as a trial runs it (one torch thread)."""
+    epochs: dict[tuple[str, int, str], float] = {}
+    data = load_mnist(MNIST, "cpu", lab["data"]["val_size"], lab["data"]["subset"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # resources.cpus_per_trial, as study.trainable sets it
+    try:
+        result = run_lab(lab, data=data, on_epoch=lambda stage, epoch, m: epochs.update(
+            {(stage, epoch, k): float(v) for k, v in m.items()}))
+    finally:
+        torch.set_num_threads(threads)
+    return result, epochs
+
+
+@pytest.mark.slow
+@needs_mnist()
+def test_sigkill_mid_trial_then_resume_carries_on_from_the_stage_checkpoint(tmp_path):
+    config = write_config(
+        tmp_path,
+        # Fine-tuning is the slow stage (~6 s alone, more beside another trial): the driver is
+        # killed after a trial's first checkpoint, well before that trial can finish.
+        data={"subset": 8000, "val_size": 1000},
+        finetune={"epochs": 60},
+        search={"num_samples": 2, "max_concurrent": 2, "sampler": "grid", "space": {"rbm.cd_k": [1, 2]}},
+    )
+    db, log = tmp_path / "study.db", tmp_path / "launch.log"
+    driver = start([sys.executable, "-m", "study", "launch", str(config), "--db", str(db), "--name", "ckpt"], log)
+
+    def checkpointed() -> list[tuple]:
+        return query(db, "SELECT t.number, c.stage FROM rbm_checkpoints c JOIN rbm_trials t ON t.id = c.trial_id "
+                         "WHERE t.state = 'running'")
+
+    try:
+        wait_for(checkpointed, 240, "a stage checkpoint of a running trial", driver, log)
+    finally:
+        kill_group(driver)
+    stage_at_kill = dict(query(db, "SELECT t.number, c.stage FROM rbm_checkpoints c JOIN rbm_trials t "
+                                   "ON t.id = c.trial_id"))
+    assert stage_at_kill
+    rbm_rows_before = {n: query(db, "SELECT e.id, e.epoch, e.name, e.value FROM rbm_epoch_metrics e JOIN rbm_trials t "
+                                    "ON t.id = e.trial_id WHERE t.number = ? AND e.stage = 'rbm' ORDER BY e.id", (n,))
+                       for n in stage_at_kill}
+
+    resumed = cli("resume", "--db", str(db), "--quiet")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "carry on from their last stage checkpoint" in resumed.stdout
+
+    assert trial_states(db) == {"completed": 2}
+    assert [n for (n,) in query(db, "SELECT number FROM rbm_trials ORDER BY number")] == [0, 1]
+    assert optuna_states(db).get("COMPLETE") == 2
+    assert query(db, "SELECT COUNT(*) FROM rbm_checkpoints") == [(0,)]  # finished trials keep none
+    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+
+    storage = StudyStorage(db, readonly=True)
+    for t in storage.trials(storage.get_study("ckpt").id):
+        finals = storage.final_metrics(t.id)
+        expected = STAGES.index(stage_at_kill[t.number]) + 1 if t.number in stage_at_kill else 0
+        assert finals["trial.resumed_after_stage"] == expected, (t.number, stage_at_kill)
+        if not expected:
+            continue
+        assert t.attempt == 2
+        # The epoch rows of the first attempt stayed (same rows, same values); none is stored twice.
+        assert query(db, "SELECT id, epoch, name, value FROM rbm_epoch_metrics WHERE trial_id = ? "
+                         "AND stage = 'rbm' ORDER BY id", (t.id,)) == rbm_rows_before[t.number]
+        rows = storage.epoch_metrics(t.id)
+        assert len(rows) == len({(s, e, n) for s, e, n, _ in rows})
+
+        # Same weights, metrics and epoch curves as the same config run without interruption.
+        [(config_json,)] = query(db, "SELECT config FROM rbm_trials WHERE id = ?", (t.id,))
+        whole, whole_epochs = _reference_run(json.loads(config_json))
+        stored = storage.weights(t.id)
+        assert set(stored) == set(whole.weight_files())
+        for name, data in whole.weight_files().items():
+            ours, theirs = labfiles.load_state(stored[name]), labfiles.load_state(data)
+            assert set(ours) == set(theirs)
+            for key in theirs:
+                assert torch.equal(ours[key], theirs[key]), (t.number, name, key)
+        assert {k: v for k, v in finals.items() if "seconds" not in k and not k.startswith("trial.")} == {
+            k: v for k, v in whole.metrics.items() if "seconds" not in k}
+        assert {(s, e, n): v for s, e, n, v in rows if n != "seconds"} == {
+            k: v for k, v in whole_epochs.items() if k[2] != "seconds"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 
 import pytest
 
@@ -91,3 +92,37 @@ def test_missing_file_is_not_created_by_readers(tmp_path):
     with pytest.raises(StorageError, match="launch"):
         StudyStorage(tmp_path / "nothing.db", readonly=True)
     assert not (tmp_path / "nothing.db").exists()
+
+
+def test_stage_checkpoints_saved_found_for_interrupted_and_deleted_when_finished(tmp_path):
+    storage, study = _new(tmp_path)
+    a = storage.start_trial(study.id, ray_trial_id="a", optuna_trial_number=0, params={"x": 1}, config={})
+    b = storage.start_trial(study.id, ray_trial_id="b", optuna_trial_number=1, params={"x": 2}, config={})
+    storage.save_checkpoint(a.id, "rbm", "key-a", b"rbm bytes")
+    storage.save_checkpoint(a.id, "dbn", "key-a", b"dbn bytes")  # replaces: one row a trial
+    storage.save_checkpoint(b.id, "rbm", "key-b", b"b's rbm")
+    assert storage.checkpoint(a.id) == ("dbn", "key-a", b"dbn bytes")
+    assert storage.checkpoints_for_interrupted(study.id) == {}  # running trials are not resumed from
+    storage.finish_trial(b.id, "completed", objective_value=1.0, weights={"zad1_rbm.th": b"w"})
+    assert storage.checkpoint(b.id) is None  # finished: its weights are stored, the checkpoint goes
+
+    storage.interrupt_running(study.id)
+    assert storage.checkpoints_for_interrupted(study.id) == {"key-a": b"dbn bytes"}
+    again = storage.start_trial(study.id, ray_trial_id="c", optuna_trial_number=2, params={"x": 1}, config={})
+    assert again.id == a.id and storage.checkpoint(a.id) is not None  # a re-run keeps it until it finishes
+    storage.finish_trial(a.id, "failed", error="out of retries")
+    assert storage.checkpoint(a.id) is None
+    assert storage.integrity_check() == "ok"
+    with closing(sqlite3.connect(tmp_path / "study.db")) as con:
+        assert con.execute("SELECT COUNT(*) FROM rbm_checkpoints").fetchone() == (0,)
+
+
+def test_nan_metrics_are_left_out_not_refused(tmp_path):
+    # SQLite would store NaN as NULL in a NOT NULL column and refuse the whole transaction.
+    storage, study = _new(tmp_path)
+    t = storage.start_trial(study.id, ray_trial_id="a", optuna_trial_number=0, params={}, config={})
+    storage.add_epoch_metrics(t.id, "rbm", 1, {"val_recon_error": float("nan"), "seconds": 1.5})
+    storage.finish_trial(t.id, "failed", final_metrics={"rbm.log_z": float("nan"), "rbm.log_z_low": float("-inf")},
+                         error="objective not finite")
+    assert storage.epoch_metrics(t.id) == [("rbm", 1, "seconds", 1.5)]
+    assert storage.final_metrics(t.id) == {"rbm.log_z_low": float("-inf")}

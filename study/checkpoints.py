@@ -1,0 +1,136 @@
+"""Stage checkpoints of study trials: what they are keyed by, how they travel, where trials find them.
+
+After tasks 1 and 2 a trial has a `core.pipeline.LabCheckpoint`. An interrupted trial (a resume
+after the driver died) or a retried one (its worker died) starts again from the last of them
+instead of from scratch. The database stays the one source of truth and a cluster needs no shared
+filesystem:
+
+- the trainable puts each checkpoint into `CheckpointStore`, a small named Ray actor that the
+  driver starts on the head node (so a retry on any node finds it at once), and reports it to the
+  driver, which writes it to `rbm_checkpoints` (one row a trial, deleted when the trial finishes);
+- a driver starting (`launch` or `resume`) seeds the store from the database with the
+  checkpoints of the study's `interrupted` trials.
+
+The key is not a trial id but the trial's config: a run is seeded and deterministic, so a
+checkpoint of any trial with the same config is valid for every trial with that config, and no
+mapping from new Ray trials to old rows has to happen before a trainable asks. The key is the
+SHA-256 of the full lab config as canonical JSON with `device` resolved to the device type the
+trial runs on (`auto` alone does not say, and a CUDA generator state cannot resume a CPU run).
+
+What is stored (`pack`) is the `LabCheckpoint` bytes behind a small JSON header holding the epoch
+metrics of the finished stages: a trial that resumes sends them again, so every trial row has its
+whole curve (even one that resumed from another trial's checkpoint) and ASHA sees the same epochs
+as in a run from scratch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STORE_NAME = "rbm_study_checkpoints"
+_MAGIC = b"rbm-study checkpoint 1\n"
+_HEAD_NODE = "node:__internal_head__"
+_TIMEOUT_S = 60.0
+
+EpochRow = tuple[str, int, dict[str, float]]  # stage, epoch (from 1), that epoch's metrics
+
+
+def config_key(lab: dict) -> str:
+    """SHA-256 hex of a lab config as canonical JSON, `device` resolved (see the module docstring)."""
+    from core.pipeline import resolve_device
+
+    resolved = {**lab, "device": resolve_device(lab["device"]).type}
+    text = json.dumps(resolved, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def pack(lab_checkpoint: bytes, epochs: list[EpochRow]) -> bytes:
+    header = json.dumps({"epochs": [[s, e, m] for s, e, m in epochs]}).encode()
+    return _MAGIC + len(header).to_bytes(8, "big") + header + lab_checkpoint
+
+
+def unpack(data: bytes) -> tuple[bytes, list[EpochRow]]:
+    """(LabCheckpoint bytes, epoch rows); ValueError for bytes `pack` did not make."""
+    if not data.startswith(_MAGIC):
+        raise ValueError("not an rbm-study checkpoint")
+    start = len(_MAGIC) + 8
+    size = int.from_bytes(data[len(_MAGIC):start], "big")
+    header = json.loads(data[start:start + size])
+    epochs = [(str(s), int(e), {k: float(v) for k, v in m.items()}) for s, e, m in header["epochs"]]
+    return data[start + size:], epochs
+
+
+class CheckpointStore:
+    """config key -> packed checkpoint, in memory (the database keeps the durable copy)."""
+
+    def __init__(self, seed: dict[str, bytes] | None = None):
+        self._data: dict[str, bytes] = dict(seed or {})
+
+    def put(self, key: str, data: bytes) -> None:
+        self._data[key] = data
+
+    def get(self, key: str) -> bytes | None:
+        return self._data.get(key)
+
+    def remove(self, key: str) -> None:
+        self._data.pop(key, None)
+
+    def keys(self) -> list[str]:
+        return sorted(self._data)
+
+
+def start_store(seed: dict[str, bytes]) -> Any:
+    """Start the named store in the driver's namespace (driver only; keep the handle while Tune runs).
+
+    It takes no CPU and sits on the head node where there is one: a worker node dying must not
+    take the checkpoints of its own trials with it.
+    """
+    import ray
+
+    options: dict[str, Any] = {"name": STORE_NAME, "num_cpus": 0, "max_restarts": 0}
+    if _HEAD_NODE in ray.cluster_resources():
+        options["resources"] = {_HEAD_NODE: 0.001}
+    store = ray.remote(CheckpointStore).options(**options).remote(seed)
+    ray.get(store.keys.remote(), timeout=120)  # started and seeded before the first trial asks
+    return store
+
+
+def find_store() -> Any | None:
+    """The study's store from inside a trial, or None (no Ray, or no driver made one: a test)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        return ray.get_actor(STORE_NAME)
+    except Exception:
+        return None
+
+
+def store_get(store: Any | None, key: str) -> bytes | None:
+    if store is None:
+        return None
+    import ray
+
+    try:
+        return ray.get(store.get.remote(key), timeout=_TIMEOUT_S)
+    except Exception as err:
+        log.warning("checkpoint store unreachable, starting from scratch: %s", err)
+        return None
+
+
+def store_put(store: Any | None, key: str, data: bytes) -> None:
+    """Wait for the put: a worker dying right after must not lose it (a retry asks at once)."""
+    if store is None:
+        return
+    import ray
+
+    try:
+        ray.get(store.put.remote(key, data), timeout=_TIMEOUT_S)
+    except Exception as err:
+        log.warning("checkpoint store unreachable; the driver still gets the checkpoint: %s", err)
