@@ -20,6 +20,7 @@ there and, on the CPU, ends with the same weights as a run that was never interr
 from __future__ import annotations
 
 import io
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -179,7 +180,7 @@ def run_lab(
         )
         train_rbm(rbm, data.train, rbm_settings, generator, _timed(report("rbm"), epoch_log["rbm"]),
                   epoch_metrics=lambda m: _rbm_epoch_metrics(m, sets, generator))
-        metrics.update(_score_rbm(rbm, sets, ais(rbm, pixel_bias), generator))
+        metrics.update(_finite(_score_rbm(rbm, sets, ais(rbm, pixel_bias), generator)))
         checkpoint("rbm", rbm)
     else:
         rbm = restored("rbm")
@@ -194,7 +195,7 @@ def run_lab(
                               _timed(report("dbn"), epoch_log["dbn"]))
         dbn = DBN([rbm.clone(), top])
         top_estimate = ais(dbn.top, h1_bias)
-        metrics.update(_score_dbn("dbn", _untied(dbn), sets, top_estimate, generator))
+        metrics.update(_finite(_score_dbn("dbn", _untied(dbn), sets, top_estimate, generator)))
         checkpoint("dbn", dbn)
     else:
         dbn = restored("dbn")
@@ -209,7 +210,7 @@ def run_lab(
             dbn, data.train, ft_settings, generator, _timed(report("finetune"), epoch_log["finetune"])
         )
         ft_estimate = ais(finetuned.top, h1_bias)
-        metrics.update(_score_dbn("finetune", finetuned, sets, ft_estimate, generator))
+        metrics.update(_finite(_score_dbn("finetune", finetuned, sets, ft_estimate, generator)))
 
     for stage, seconds in epoch_log.items():
         if seconds:
@@ -219,6 +220,17 @@ def run_lab(
         metrics[f"final.{split}.log_likelihood"] = metrics[f"{last}.{split}.log_likelihood"]
     bar.close()
     return LabResult(rbm, dbn, finetuned, metrics, time.perf_counter() - started)
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    """Weights can explode and stay finite (sigmoids saturate); their log Z then is not a number."""
+    broken = [name for name, value in metrics.items() if math.isnan(value)]
+    if broken:
+        raise FloatingPointError(
+            f"training diverged: {', '.join(broken[:3])} {'is' if len(broken) == 1 else 'are'} NaN "
+            "(the weights exploded; lower the learning rate)"
+        )
+    return metrics
 
 
 def _timed(callback: Callable[[int, dict[str, float]], None], seconds: list[float]):

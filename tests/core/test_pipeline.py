@@ -81,3 +81,10 @@ def test_resuming_from_a_stage_checkpoint_gives_the_same_run(mnist):
             return {k: v for k, v in metrics.items() if "seconds" not in k}
 
         assert measured(resumed.metrics) == measured(whole.metrics)
+
+
+def test_exploded_weights_are_reported_as_divergence(mnist):
+    """Huge learning rates leave finite but absurd weights (sigmoids saturate): AIS gives a NaN log Z."""
+    config = load_config("configs/lab.yaml", [*TINY, "device=cpu", "rbm.learning_rate=1e38", "rbm.hidden_size=30"])
+    with pytest.raises(FloatingPointError, match="diverged"):
+        run_lab(config, data=mnist)
