@@ -4,9 +4,10 @@
 
 Everything is measured in one run, on the same data (all 60,000 MNIST training images as one
 float32 tensor of grey values), with torch's default thread count, after a warm-up pass of every
-contender; each figure is the median over `--repeats`, and the contenders take turns within each
-repeat so a burst of background load hits them alike. `--quick` times 10,000 images per epoch
-(the seconds shown are scaled to 60,000) and shorter CD-25 runs.
+contender. Each figure is the median over `--repeats` rounds; within a round the contenders and the
+sgemm reference take turns, so a slow spell of a shared machine hits them alike (the last line
+says how busy the rest of the machine was). `--quick` times 10,000 images per epoch (the seconds
+shown are scaled to 60,000) and shorter CD-25 runs.
 
 Useful flops. Only the matrix products the algorithm needs are counted, 2*N*V*H flops each for a
 minibatch of N rows, V visible and H hidden units. CD-k (non-persistent) needs 2k + 3 of them:
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from core.data import load_mnist
+from core.errors import UserError
 from core.rbm import RBM
 from core.train import CDSettings, CDTrainer
 
@@ -53,17 +55,21 @@ def cd_flops(k: int, hidden: int, n: int = BATCH, visible: int = V) -> float:
     return cd_products(k) * 2.0 * n * visible * hidden
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def settle() -> None:
+    """Let the previous contender's thread pools go idle first: numpy's OpenBLAS threads keep
+    spinning for a while after scikit-learn's fit, and slowed the next contender by ~30%."""
+    time.sleep(0.5)
+
+
+def seconds_of(epoch: Callable[[torch.Tensor], object], data: torch.Tensor) -> float:
+    settle()
+    start = time.perf_counter()
+    epoch(data)
+    return time.perf_counter() - start
 
 
 # --- contenders -------------------------------------------------------------------------------
-def ours(data: torch.Tensor, k: int, hidden: int, seed: int = 0) -> Callable[[torch.Tensor], object]:
+def ours(k: int, hidden: int, seed: int = 0) -> Callable[[torch.Tensor], object]:
     """One epoch of core.train's CD-k over the given rows (the model keeps training across calls)."""
     g = torch.Generator().manual_seed(seed)
     trainer = CDTrainer(RBM.init(V, hidden, g), CDSettings(cd_k=k, learning_rate=0.1, batch_size=BATCH), g)
@@ -134,22 +140,18 @@ def cd_gemms(k: int, hidden: int) -> list[Gemm]:
     ]
 
 
-def gemm_seconds(g: Gemm, repeats: int, min_seconds: float = 0.2) -> float:
-    """Median seconds of one torch.mm of these shapes (into a preallocated output)."""
+def gemm_seconds(g: Gemm, min_seconds: float = 0.1) -> float:
+    """Seconds of one torch.mm of these shapes (into a preallocated output), over ~min_seconds."""
     out = torch.empty(g.a.shape[0], g.b.shape[1])
-    for _ in range(20):  # warm-up: MKL's buffers, the caches
+    settle()
+    for _ in range(5):  # warm: MKL's buffers, the caches
         torch.mm(g.a, g.b, out=out)
     start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < min_seconds / 4:
-        torch.mm(g.a, g.b, out=out)
-        calls += 1
-    calls = max(calls * 4, 10)
-
-    def run() -> None:
-        for _ in range(calls):
+    while (elapsed := time.perf_counter() - start) < min_seconds:
+        for _ in range(10):
             torch.mm(g.a, g.b, out=out)
-
-    return median_time(run, repeats) / calls
+        calls += 10
+    return elapsed / calls
 
 
 def sgemm_rate(gemms: list[Gemm], seconds: dict[str, float]) -> float:
@@ -169,11 +171,34 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def load_average() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "n/a"
+class OtherLoad:
+    """How busy the rest of the machine was while we measured: CPU seconds of other processes (and
+    of the hypervisor, "steal") per second, from /proc/stat minus our own CPU time. Linux only."""
+
+    def __enter__(self) -> OtherLoad:
+        self.start = self._sample()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+        own = sum(os.times()[:2])
+        return busy / os.sysconf("SC_CLK_TCK"), own, time.perf_counter()
+
+    @property
+    def cores(self) -> float | None:
+        if self.start is None or self.end is None:
+            return None
+        (b0, o0, t0), (b1, o1, t1) = self.start, self.end
+        return max(0.0, (b1 - b0) - (o1 - o0)) / (t1 - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,69 +210,80 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
 
-    mnist = load_mnist(args.data_dir, val_size=1)  # the last training image is "val": take both
+    try:
+        mnist = load_mnist(args.data_dir, val_size=1)  # the last training image is "val": take both
+    except UserError as err:  # MNIST not found: the message says where it looked
+        print(f"core.bench: {err}")
+        return 2
     x = torch.cat([mnist.train, mnist.val])
     n_epoch = 10_000 if args.quick else len(x)
     n_cd25 = 2_000 if args.quick else 10_000
     x_epoch, x_cd25, x_warm = x[:n_epoch], x[:n_cd25], x[:2_000]
-    scale = N_IMAGES / n_epoch  # seconds per n_epoch images -> per 60,000
 
     print(f"core.bench: torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()} "
-          f"({os.cpu_count()} CPUs); load average {load_average()} at start")
-    print(f"CD-1 784-100, batch 100, lr 0.1: one epoch over {n_epoch:,} of {len(x):,} MNIST images"
-          f"{f' (times scaled to {N_IMAGES:,})' if scale != 1 else ''}; median of {args.repeats}")
+          f"({os.cpu_count()} CPUs); medians of {args.repeats} round(s)")
 
-    # CD-1: the three contenders in turns, after one warm-up epoch each on 2,000 images
-    contenders = {"ours (core.train, CD-1)": ours(x, 1, 100), "plain torch loop (CD-1)": plain_torch()}
+    # Contenders take turns within each round, each after a warm-up (one epoch on 2,000 images), and
+    # the sgemm reference is timed in the same rounds, so a slow spell of the machine hits all alike.
+    cd1 = {"ours (core.train, CD-1)": ours(1, 100), "plain torch loop (CD-1)": plain_torch()}
     sk = sklearn_rbm()
     if sk is not None:
-        contenders["scikit-learn BernoulliRBM (PCD-1)"] = sk
-    for epoch in contenders.values():
+        cd1["scikit-learn BernoulliRBM (PCD-1)"] = sk
+    cd25 = ours(25, 500)
+    gemms = {1: cd_gemms(1, 100), 25: cd_gemms(25, 500)}
+    for epoch in cd1.values():
         epoch(x_warm)
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(args.repeats):
-        for name, epoch in contenders.items():
-            start = time.perf_counter()
-            epoch(x_epoch)
-            times[name].append((time.perf_counter() - start) * scale)
-    seconds = {name: statistics.median(t) for name, t in times.items()}
-
-    # CD-25 784-500 on fewer images: seconds per minibatch are what matter there
-    cd25 = ours(x, 25, 500)
     cd25(x_warm[:500])
-    cd25_step = median_time(lambda: cd25(x_cd25), args.repeats) / (n_cd25 / BATCH)
 
-    # sgemm on the same shapes
-    gemm_sets = {(1, 100): cd_gemms(1, 100), (25, 500): cd_gemms(25, 500)}
-    gemm_s = {key: {g.label: gemm_seconds(g, args.repeats) for g in gs} for key, gs in gemm_sets.items()}
-    rate = {key: sgemm_rate(gemm_sets[key], gemm_s[key]) for key in gemm_sets}
+    labels = [*cd1, "cd25", *(g.label for gs in gemms.values() for g in gs)]
+    times: dict[str, list[float]] = {name: [] for name in labels}
+    with OtherLoad() as load:
+        for _ in range(args.repeats):
+            for name, epoch in cd1.items():
+                times[name].append(seconds_of(epoch, x_epoch) * N_IMAGES / n_epoch)  # per 60,000 images
+            times["cd25"].append(seconds_of(cd25, x_cd25) / (n_cd25 / BATCH))  # per minibatch
+            for g in [*gemms[1], *gemms[25]]:
+                times[g.label].append(gemm_seconds(g))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    rate = {k: sgemm_rate(gs, med) for k, gs in gemms.items()}
 
-    # the table
-    ours_s = seconds["ours (core.train, CD-1)"]
     steps = N_IMAGES / BATCH
+    ours_s = med["ours (core.train, CD-1)"]
     print()
-    print(f"{'CD-1 784-100':36s} {'s/epoch':>8s} {'ours is':>9s} {'GFLOP/s':>8s} {'of sgemm':>9s}")
-    for name, s in seconds.items():
+    print(f"CD-1 784-100, batch 100, lr 0.1, one epoch over {N_IMAGES:,} MNIST images"
+          + (f" (timed on {n_epoch:,}, scaled)" if n_epoch != N_IMAGES else ""))
+    print(f"{'':36s} {'s/epoch':>8s} {'min-max':>13s} {'vs ours':>8s} {'GFLOP/s':>8s} {'of sgemm':>9s}")
+    for name in cd1:
+        s, spread = med[name], f"{min(times[name]):.2f}-{max(times[name]):.2f}"
         useful = cd_flops(1, 100) * steps / s / 1e9
-        ratio = "-" if s is ours_s else f"{s / ours_s:.2f}x"
-        print(f"{name:36s} {s:8.3f} {ratio:>9s} {useful:8.1f} {useful / rate[1, 100]:9.0%}")
+        print(f"{name:36s} {s:8.3f} {spread:>13s} {s / ours_s:7.2f}x {useful:8.1f} {useful / rate[1]:9.0%}")
     if sk is None:
         print("scikit-learn BernoulliRBM: not installed (pip install scikit-learn)")
-    useful25 = cd_flops(25, 500) / cd25_step / 1e9
+    ratios = [f"{med[name] / ours_s:.2f}x faster than {name.split(' (')[0]}" for name in cd1 if med[name] != ours_s]
+    print("ours is " + ", ".join(ratios))
+
+    step25 = med["cd25"]
+    useful25 = cd_flops(25, 500) / step25 / 1e9
     print()
-    print(f"{'CD-25 784-500 (ours)':36s} {'s/batch':>8s} {'s/epoch':>9s} {'GFLOP/s':>8s} {'of sgemm':>9s}")
-    print(f"{f'over {n_cd25:,} images':36s} {cd25_step:8.4f} {cd25_step * steps:9.1f} {useful25:8.1f} "
-          f"{useful25 / rate[25, 500]:9.0%}")
+    print(f"CD-25 784-500, batch 100 (ours, timed on {n_cd25:,} images)")
+    print(f"{'':36s} {'s/batch':>8s} {'s/epoch':>13s} {'':>8s} {'GFLOP/s':>8s} {'of sgemm':>9s}")
+    print(f"{'ours (core.train, CD-25)':36s} {step25:8.4f} {step25 * steps:13.1f} {'':>8s} {useful25:8.1f} "
+          f"{useful25 / rate[25]:9.0%}")
+
     print()
-    print(f"{'sgemm, torch.mm':36s} {'per step':>8s} {'ms each':>9s} {'GFLOP/s':>8s}")
-    for (k, hidden), gs in gemm_sets.items():
+    print(f"sgemm reference, torch.mm on the CD step's shapes ({torch.get_num_threads()} threads)")
+    print(f"{'':36s} {'per step':>8s} {'ms each':>13s} {'':>8s} {'GFLOP/s':>8s}")
+    for k, gs in gemms.items():
         for g in gs:
-            s = gemm_s[k, hidden][g.label]
-            print(f"{g.label:36s} {g.count:8d} {s * 1e3:9.4f} {g.flops / s / 1e9:8.1f}")
-        print(f"{f'  CD-{k} 784-{hidden} mix ({cd_products(k)} products)':36s} {'':8s} {'':9s} "
-              f"{rate[k, hidden]:8.1f}")
+            print(f"{g.label:36s} {g.count:8d} {med[g.label] * 1e3:13.4f} {'':>8s} {g.flops / med[g.label] / 1e9:8.1f}")
+        print(f"{f'  CD-{k} mix ({cd_products(k)} products)':36s} {'':8s} {'':>13s} {'':>8s} {rate[k]:8.1f}")
     print()
-    print(f"load average {load_average()} at the end (other processes on the machine skew all of the above)")
+    print("useful flops: the 2k+3 matrix products CD-k needs, 2*N*V*H each (see the module docstring);")
+    print("scikit-learn does PCD-1 on the grey values (no binarisation, no reconstruction error), same 5 products")
+    other = load.cores
+    if other is not None:
+        print(f"other processes (and the hypervisor) kept {other:.2f} of {os.cpu_count()} CPUs busy meanwhile"
+              + ("; the figures above are skewed" if other > 0.2 else ""))
     return 0
 
 

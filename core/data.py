@@ -8,7 +8,6 @@ binarised once, with a fixed seed, so every model is scored on the same binary v
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,12 +16,11 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError
-from core.rbm import bernoulli, bernoulli_fast
+from core.rbm import FastBernoulli, bernoulli
 
 ENV_VAR = "MNIST_ROOT"
 DEFAULT_ROOT = Path("data")
 EVAL_BINARIZE_SEED = 1234
-_CHUNK_VALUES = 1 << 22  # minibatches binarised together: ~16 MB of float32, cache-sized
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -60,14 +58,16 @@ def resolve_root(root: str | Path | None = None) -> Path:
     return DEFAULT_ROOT
 
 
-def _raw_files_present(raw: Path) -> bool:
+def has_mnist(root: Path) -> bool:
+    """Whether ROOT/MNIST/raw holds the four files (plain or gzipped), torchvision's layout."""
+    raw = root / "MNIST" / "raw"
     return all((raw / f).exists() or (raw / f"{f}.gz").exists() for pair in _FILES.values() for f in pair)
 
 
 def ensure_downloaded(root: Path) -> Path:
     """ROOT/MNIST/raw with the four files; downloads with torchvision when they are missing."""
     raw = root / "MNIST" / "raw"
-    if _raw_files_present(raw):
+    if has_mnist(root):
         return raw
     try:
         from torchvision import datasets
@@ -150,14 +150,10 @@ def minibatches(
 ) -> Iterator[torch.Tensor]:
     """Shuffled minibatches of grey values, freshly binarised; the last partial batch is kept.
 
-    Rows are gathered and binarised a chunk of many minibatches at a time (one `index_select`,
-    one `bernoulli_fast`) instead of per minibatch: the same samples in distribution, a handful of
-    large ops in place of thousands of small ones. Each chunk is a new tensor, so a minibatch (a
-    view into it) stays valid after the next one is drawn.
+    Binarised with `FastBernoulli` (16-bit uniforms drawn in blocks, bias <= 2^-17 per pixel),
+    which on the CPU costs a fraction of `torch.rand`; evaluation sets use `binarize_once`.
     """
-    order = torch.randperm(x.shape[0], generator=generator, device=generator.device)
-    chunk = max(1, _CHUNK_VALUES // (batch_size * math.prod(x.shape[1:]) or 1)) * batch_size
-    for chunk_start in range(0, x.shape[0], chunk):
-        rows = order[chunk_start : chunk_start + chunk].to(x.device)
-        v = bernoulli_fast(x.index_select(0, rows), generator)
-        yield from v.split(batch_size)
+    order = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device)
+    sample = FastBernoulli(generator)
+    for rows in order.split(batch_size):
+        yield sample(x.index_select(0, rows))  # index_select: ~3x cheaper than x[rows] here

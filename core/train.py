@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from core.data import minibatches
-from core.rbm import RBM, bernoulli_fast
+from core.rbm import RBM, FastBernoulli
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 """Called after each epoch with (epoch number from 1, metrics of that epoch)."""
@@ -51,6 +51,35 @@ class _Velocity:
 
 
 @dataclass
+class _Workspace:
+    """The buffers a CD step writes its intermediates into, so the loop allocates almost nothing."""
+
+    ph0: torch.Tensor  # p(h|v0)
+    phk: torch.Tensor  # p(h|v) of the latest Gibbs step
+    h: torch.Tensor  # the latest hidden sample
+    pv: torch.Tensor  # p(v|h) of the latest Gibbs step
+    grad_weights: torch.Tensor  # dW
+
+    @classmethod
+    def for_batch(cls, rbm: RBM, n: int) -> _Workspace:
+        def new(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, dtype=rbm.W.dtype, device=rbm.W.device)
+
+        H, V = rbm.n_hidden, rbm.n_visible
+        return cls(new(n, H), new(n, H), new(n, H), new(n, V), new(V, H))
+
+    def fits(self, rbm: RBM, n: int) -> bool:
+        return self.pv.shape == (n, rbm.n_visible) and self.grad_weights.shape == rbm.W.shape and (
+            self.pv.dtype == rbm.W.dtype and self.pv.device == rbm.W.device
+        )
+
+
+def _conditional(bias: torch.Tensor, x: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """sigmoid(bias + x W) into `out`: RBM.p_h (W) and RBM.p_v (W.T) without allocating."""
+    return torch.addmm(bias, x, W, out=out).sigmoid_()
+
+
+@dataclass
 class CDTrainer:
     """The state of one CD/PCD run: the model, the settings, momentum and the persistent chain."""
 
@@ -60,7 +89,8 @@ class CDTrainer:
     velocity: _Velocity | None = None
     chain: torch.Tensor | None = None  # PCD: the negative chain's visible states
     last_negative: torch.Tensor | None = None  # vk of the last step (up-down's sleep pass starts there)
-    _grad_W: torch.Tensor | None = field(default=None, repr=False)
+    _work: _Workspace | None = field(default=None, repr=False)
+    _sample: FastBernoulli | None = field(default=None, repr=False)  # the chain's sampler
 
     def step(self, v0: torch.Tensor) -> float:
         """One CD-k / PCD-k update from a binary minibatch; returns its reconstruction error.
@@ -73,36 +103,38 @@ class CDTrainer:
     def _step(self, v0: torch.Tensor) -> torch.Tensor:
         """`step` without the host sync: the reconstruction error stays a 0-dim tensor on the device.
 
-        The chain is sampled with `bernoulli_fast` (16-bit uniforms, bias <= 2^-17 per unit), which
-        on the CPU roughly halves the time of a CD-1 step: the random numbers, not the matmuls,
-        were its biggest cost.
+        The chain is sampled with `FastBernoulli` (16-bit uniforms, bias <= 2^-17 per unit): with
+        torch's own sampling the random numbers, not the matmuls, were the biggest cost of a step.
         """
-        rbm, s, g = self.rbm, self.settings, self.generator
-        n = v0.shape[0]
-        ph0 = rbm.p_h(v0)
-        pv = rbm.p_v(bernoulli_fast(ph0, g))  # p(v|h0): the reconstruction ...
-        recon_error = torch.nn.functional.mse_loss(pv, v0, reduction="sum") / n
+        rbm, s, n = self.rbm, self.settings, v0.shape[0]
+        if self._sample is None or self._sample.generator is not self.generator:
+            self._sample = FastBernoulli(self.generator)
+        if self._work is None or not self._work.fits(rbm, n):
+            self._work = _Workspace.for_batch(rbm, n)
+        sample, work = self._sample, self._work
 
-        if s.persistent:
+        ph0 = _conditional(rbm.b, v0, rbm.W, out=work.ph0)
+        # p(v|h0) is the reconstruction and, in plain CD, also the first Gibbs step's p(v|h): once
+        pv = _conditional(rbm.a, sample(ph0, out=work.h), rbm.W.T, out=work.pv)
+        recon_error = torch.nn.functional.mse_loss(pv, v0, reduction="sum") / n
+        if s.persistent:  # the chain goes on from its last state instead
             if self.chain is None or self.chain.shape != v0.shape:
                 self.chain = v0.clone()
-            pv = rbm.p_v(bernoulli_fast(rbm.p_h(self.chain), g))
-        # ... and, in plain CD, also the first Gibbs step's p(v|h0), so it is computed once
+            ph = _conditional(rbm.b, self.chain, rbm.W, out=work.phk)
+            pv = _conditional(rbm.a, sample(ph, out=work.h), rbm.W.T, out=work.pv)
         for i in range(s.cd_k):
-            vk = bernoulli_fast(pv, g)
-            phk = rbm.p_h(vk)
+            vk = sample(pv)  # a new tensor each step: it outlives the step (last_negative, PCD chain)
+            phk = _conditional(rbm.b, vk, rbm.W, out=work.phk)
             if i + 1 < s.cd_k:  # the update uses phk, so a hidden sample after the last step is waste
-                pv = rbm.p_v(bernoulli_fast(phk, g))
+                pv = _conditional(rbm.a, sample(phk, out=work.h), rbm.W.T, out=work.pv)
         self.last_negative = vk
         if s.persistent:
             self.chain = vk
 
         # dW = (v0' ph0 - vk' phk) / N as two GEMMs into one buffer, no temporaries
-        if self._grad_W is None:
-            self._grad_W = torch.empty_like(rbm.W)
-        grad_W = torch.mm(v0.T, ph0, out=self._grad_W).addmm_(vk.T, phk, alpha=-1.0)
-        grad_a = (v0 - vk).sum(dim=0)
-        grad_b = (ph0 - phk).sum(dim=0)
+        grad_W = torch.mm(v0.T, ph0, out=work.grad_weights).addmm_(vk.T, phk, alpha=-1.0)
+        grad_a = v0.sum(dim=0) - vk.sum(dim=0)  # two column sums: half the cost of (v0 - vk).sum
+        grad_b = ph0.sum(dim=0) - phk.sum(dim=0)
         scale = s.learning_rate / n
         if s.weight_decay:
             grad_W.add_(rbm.W, alpha=-s.weight_decay * n)
@@ -129,11 +161,11 @@ class CDTrainer:
         trains on samples of the layer below's hidden units).
         """
         start = time.perf_counter()
-        total, batches = torch.zeros((), device=data.device), 0
+        errors = []  # 0-dim tensors, summed once at the end: no per-step host sync (CUDA)
         for v0 in minibatches(data, self.settings.batch_size, self.generator):
-            total += self._step(v0 if encode is None else encode(v0))  # no per-step host sync
-            batches += 1
-        total = float(total)
+            errors.append(self._step(v0 if encode is None else encode(v0)))
+        batches = len(errors)
+        total = float(torch.stack(errors).sum()) if errors else 0.0
         if not torch.isfinite(self.rbm.W).all():
             raise FloatingPointError("training diverged: the weights hold NaN or inf (lower the learning rate)")
         return {"train_recon_error": total / max(batches, 1), "seconds": time.perf_counter() - start}

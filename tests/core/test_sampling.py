@@ -1,0 +1,170 @@
+"""The samplers training and evaluation rest on: right frequencies, exact ends, reproducible streams."""
+
+import pytest
+import torch
+
+from core.data import minibatches
+from core.rbm import RBM, FastBernoulli, bernoulli
+from core.train import CDSettings, CDTrainer, train_rbm
+
+PROBABILITIES = [0.0, 0.001, 0.3, 0.5, 0.999, 1.0]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def fast_sampler(seed: int, device: str = "cpu", numpy_bits: bool = True) -> FastBernoulli:
+    sampler = FastBernoulli(torch.Generator(device=device).manual_seed(seed))
+    if not numpy_bits:
+        sampler._sfc64 = None  # the torch random_ path that non-CPU devices take, tested on the CPU
+    return sampler
+
+
+def assert_binomial(count: float, n: int, p: float, bias: float = 0.0) -> None:
+    """count of n Bernoulli(p) draws within 5 standard deviations (plus a known rounding bias)."""
+    sd = (n * p * (1 - p)) ** 0.5
+    assert abs(count - n * p) <= 5 * sd + n * bias + 1e-9, (count, n * p, sd)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("numpy_bits", [True, False])
+def test_fast_bernoulli_frequencies(device: str, numpy_bits: bool):
+    n = 400_000
+    sample = fast_sampler(0, device, numpy_bits)
+    p = torch.tensor(PROBABILITIES, device=device)[:, None].expand(-1, n).contiguous()
+    counts = sample(p).sum(dim=1).tolist()
+    for prob, count in zip(PROBABILITIES, counts, strict=True):
+        assert_binomial(count, n, prob, bias=2.0**-17)  # 16-bit uniforms: |bias| <= 2^-17
+    assert counts[0] == 0 and counts[-1] == n  # p = 0 never fires, p = 1 always does
+
+
+@pytest.mark.parametrize("numpy_bits", [True, False])
+def test_fast_bernoulli_uses_all_16_bits_of_every_lane(numpy_bits: bool):
+    """Each 64-bit word gives four uniforms; a word drawn in [0, 2^63) would starve the fourth.
+
+    At p = 0.5 - 2^-17 the threshold sits just below the middle: a lane whose top bit never fires
+    would give frequency 0 or 1 there instead of 1/2.
+    """
+    n = 1_000_000
+    sample = fast_sampler(1, numpy_bits=numpy_bits)
+    x = sample(torch.full((n // 4, 4), 0.5))
+    for lane in range(4):
+        assert_binomial(x[:, lane].sum().item(), n // 4, 0.5)
+    signs = 2 * x.flatten() - 1  # neighbours, within a word and across words, are uncorrelated
+    for lag in (1, 2, 3, 4, 5):
+        assert abs((signs[:-lag] * signs[lag:]).mean().item()) < 5 / (n - lag) ** 0.5
+
+
+def test_fast_bernoulli_rounds_p_to_multiples_of_2_to_the_minus_16():
+    """The documented precision: p below 2^-17 never fires, p above 1 - 2^-17 always does."""
+    sample = fast_sampler(2)
+    assert sample(torch.full((200_000,), 2.0**-18)).sum() == 0
+    assert sample(torch.full((200_000,), 1 - 2.0**-18)).sum() == 200_000
+    assert_binomial(sample(torch.full((400_000,), 3 * 2.0**-16)).sum().item(), 400_000, 3 * 2.0**-16)
+
+
+def test_fast_bernoulli_keeps_shape_dtype_and_writes_into_out():
+    sample = fast_sampler(3)
+    p = torch.rand(7, 13, dtype=torch.float64)  # 91 values: not a multiple of four
+    x = sample(p)
+    assert x.shape == p.shape and x.dtype == torch.float64
+    assert set(x.unique().tolist()) <= {0.0, 1.0}
+    out = torch.empty(7, 13, dtype=torch.float64)
+    assert sample(p, out=out) is out
+    big = torch.rand(3, 200_000)  # more than one block of uniforms at once
+    assert big.shape == sample(big).shape
+
+
+def test_same_seed_same_samples_other_seed_other_samples():
+    sizes = [(100, 784), (100, 100), (5,), (3, 300_000), (100, 784)]  # one request spans blocks
+
+    def stream(seed: int, numpy_bits: bool = True) -> list[torch.Tensor]:
+        sample = fast_sampler(seed, numpy_bits=numpy_bits)
+        return [sample(torch.full(size, 0.4)) for size in sizes]
+
+    for numpy_bits in (True, False):
+        one, two, other = stream(7, numpy_bits), stream(7, numpy_bits), stream(8, numpy_bits)
+        assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+        assert not torch.equal(one[0], other[0])
+
+
+def test_exact_bernoulli_is_rand_below_p():
+    """The evaluation path: 24-bit uniforms from torch.rand, the same draws as before the fast path."""
+    p = torch.rand(50, 784, generator=torch.Generator().manual_seed(0))
+    expected = (torch.rand(p.shape, generator=torch.Generator().manual_seed(5)) < p).to(p.dtype)
+    assert torch.equal(bernoulli(p, torch.Generator().manual_seed(5)), expected)
+    g = torch.Generator().manual_seed(6)
+    for prob in PROBABILITIES:
+        count = bernoulli(torch.full((200_000,), prob), g).sum().item()
+        assert_binomial(count, 200_000, prob)
+        if prob in (0.0, 1.0):
+            assert count == 200_000 * prob
+
+
+def test_minibatches_cover_every_row_once_and_keep_the_last_partial_batch():
+    n, bits = 1050, 11
+    ids = torch.arange(n)
+    rows = ((ids[:, None] >> torch.arange(bits)) & 1).float()  # 0/1 grey values: binarising is exact
+    batches = list(minibatches(rows, 100, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in batches] == [100] * 10 + [50]
+    seen = (torch.cat(batches) * (1 << torch.arange(bits))).sum(dim=1).long()
+    assert torch.equal(seen.sort().values, ids)
+    assert not torch.equal(seen, ids)  # shuffled
+
+
+class Threshold:
+    """A deterministic stand-in for the sampler: 1 where p > 0.5, so CD's arithmetic can be checked."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        x = (p > 0.5).to(p.dtype)
+        return x if out is None else out.copy_(x)
+
+
+@pytest.mark.parametrize(("k", "persistent"), [(1, False), (3, False), (2, True)])
+def test_cd_step_with_deterministic_sampling_matches_the_formulas(k: int, persistent: bool):
+    g = torch.Generator().manual_seed(0)
+    rbm = RBM(torch.randn(12, 5, generator=g), torch.randn(12, generator=g), torch.randn(5, generator=g))
+    v0 = (torch.rand(8, 12, generator=g) < 0.5).float()
+    chain = (torch.rand(8, 12, generator=g) < 0.5).float()
+    lr = 0.3
+
+    # LAB.md's CD-k, written out
+    ph0 = rbm.p_h(v0)
+    h0 = (ph0 > 0.5).float()
+    recon = ((v0 - rbm.p_v(h0)) ** 2).sum() / len(v0)
+    h = (rbm.p_h(chain) > 0.5).float() if persistent else h0
+    for _ in range(k):
+        vk = (rbm.p_v(h) > 0.5).float()
+        phk = rbm.p_h(vk)
+        h = (phk > 0.5).float()
+    W = rbm.W + lr * (v0.T @ ph0 - vk.T @ phk) / len(v0)
+    a = rbm.a + lr * (v0 - vk).mean(0)
+    b = rbm.b + lr * (ph0 - phk).mean(0)
+
+    trainer = CDTrainer(rbm.clone(), CDSettings(cd_k=k, persistent=persistent, learning_rate=lr), g)
+    trainer._sample = Threshold(g)
+    trainer.chain = chain.clone() if persistent else None
+    error = trainer.step(v0)
+    assert error == pytest.approx(recon.item(), rel=1e-5)
+    for name, got, want in (("W", trainer.rbm.W, W), ("a", trainer.rbm.a, a), ("b", trainer.rbm.b, b)):
+        assert torch.allclose(got, want, atol=1e-5), name
+    assert torch.equal(trainer.last_negative, vk)
+    if persistent:
+        assert torch.equal(trainer.chain, vk)
+
+
+@pytest.mark.parametrize("settings", [
+    CDSettings(cd_k=1, epochs=3, batch_size=32),
+    CDSettings(cd_k=3, persistent=True, momentum=0.5, weight_decay=1e-3, epochs=2, batch_size=25),
+])
+def test_cd_training_with_the_same_seed_gives_bit_identical_weights(settings: CDSettings):
+    data = torch.rand(310, 20, generator=torch.Generator().manual_seed(0))
+
+    def train(seed: int) -> RBM:
+        g = torch.Generator().manual_seed(seed)
+        return train_rbm(RBM.init(20, 7, generator=g), data, settings, g)
+
+    one, two, other = train(4), train(4), train(5)
+    assert torch.equal(one.W, two.W) and torch.equal(one.a, two.a) and torch.equal(one.b, two.b)
+    assert not torch.equal(one.W, other.W)
