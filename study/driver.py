@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.data import ENV_VAR as MNIST_ENV
 from core.errors import UserError
 from study.config import STUDY_SECTIONS, StudyConfig, check_study_config
 from study.storage import FINISHED_STATES, StudyInfo, StudyStorage
@@ -275,7 +276,20 @@ def _finished(storage: StudyStorage, study_id: int) -> int:
     return sum(counts[s] for s in FINISHED_STATES)
 
 
+def _absolute_data_paths(study: StudyConfig) -> None:
+    """Trials run in Ray's own working directory, so a relative MNIST path (from $MNIST_ROOT or
+    data.root, meant relative to where the user typed the command) is made absolute here. Workers
+    that Ray starts locally inherit the environment; remote workers keep their own MNIST_ROOT."""
+    env = os.environ.get(MNIST_ENV)
+    if env and not Path(env).is_absolute():
+        os.environ[MNIST_ENV] = str(Path(env).resolve())
+    root = study.config["data"]["root"]
+    if root and not Path(root).is_absolute():
+        study.config["data"]["root"] = str(Path(root).resolve())
+
+
 def launch(db: Path, study: StudyConfig, name: str, address: str | None, progress: bool = True) -> int:
+    _absolute_data_paths(study)
     storage = StudyStorage(db, create=True)
     info = storage.create_study(
         name, study.config, study.num_samples, ",".join(study.metrics), ",".join(study.modes), code_version()
@@ -288,6 +302,7 @@ def resume(db: Path, name: str | None, address: str | None, progress: bool = Tru
     storage = StudyStorage(db)
     info = storage.get_study(name)
     study = check_study_config(info.config)
+    _absolute_data_paths(study)
     done = _finished(storage, info.id)
     print(f"study {info.name}: {done}/{info.num_samples} trials finished before this resume; database {db}")
     return run_study(storage, info, study, address, progress)

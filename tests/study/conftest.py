@@ -57,10 +57,11 @@ def env() -> dict[str, str]:
     return out
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = 300, cwd: Path = REPO, extra_env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "study", *args], cwd=REPO, env=env(), capture_output=True, text=True,
-        timeout=timeout,
+        [sys.executable, "-m", "study", *args], cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True,
+        text=True, timeout=timeout,
     )
 
 

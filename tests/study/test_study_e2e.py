@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from core import labfiles
 from study.storage import StudyStorage
-from tests.study.conftest import cli, needs_mnist, optuna_states, query, trial_states, write_config
+from tests.study.conftest import MNIST, REPO, cli, needs_mnist, optuna_states, query, trial_states, write_config
 
 
 @pytest.mark.slow
@@ -55,3 +57,15 @@ def test_tiny_grid_study_records_everything(tmp_path):
     again = cli("resume", "--db", str(db))  # nothing left to do: no Ray, no new trials
     assert again.returncode == 0 and "complete" in again.stdout
     assert trial_states(db) == {"completed": 2, "failed": 2}
+
+
+@pytest.mark.slow
+@needs_mnist()
+def test_a_relative_mnist_root_works_inside_ray(tmp_path):
+    """The README runs `MNIST_ROOT=../shared/data rbm-study launch ...`; Ray's workers start elsewhere."""
+    config = write_config(tmp_path, search={"num_samples": 1})
+    relative = os.path.relpath(MNIST.resolve(), tmp_path)
+    run = cli("launch", str(config), "--db", "study.db", cwd=tmp_path,
+              extra_env={"MNIST_ROOT": relative, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert trial_states(tmp_path / "study.db") == {"completed": 1}
