@@ -300,7 +300,9 @@ def answer_dbn(trials: pd.DataFrame, samples: pd.DataFrame) -> list[str]:
         above = int((diff > 0).sum())
         interval = f" [{fmt(low)}, {fmt(high)}]" if not math.isnan(low) else ""
         verdict = (
-            "since it is a lower bound, the DBN's true log-likelihood is at least that much above the RBM's"
+            "since it is a lower bound, the DBN's true log-likelihood is at least that much above the RBM's, "
+            "as far as the AIS estimates of both log Z can be trusted (too few inverse temperatures make AIS "
+            "underestimate log Z, which flatters both numbers, and the larger model more)"
             if low > 0 else
             "a lower bound below the RBM's likelihood does not show that the DBN is worse, only that the bound "
             "cannot prove it better" if high < 0 else
