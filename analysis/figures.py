@@ -116,7 +116,8 @@ def _cmap(name: str = "gray") -> matplotlib.colors.Colormap:
     return plt.get_cmap(name).with_extremes(bad=PAD_COLOUR)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save(fig: plt.Figure, path: Path) -> None:
+    """Every figure of the report is written the same way: white, tight, at DPI."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
     plt.close(fig)
@@ -143,7 +144,7 @@ def weights_panels(
         grids.append(grid)
         shapes.append(shape)
     fig.suptitle(title, fontsize=13)
-    _save(fig, path)
+    save(fig, path)
     return FigureFile(path, title, caption, grids, shapes)
 
 
@@ -174,7 +175,7 @@ def image_rows(
     axes[-1, 0].set_xlabel(column_label)
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
     return FigureFile(path, title, caption, grids, shapes)
 
 

@@ -132,8 +132,7 @@ def metric_plots(trials: pd.DataFrame, out: Path) -> FigureFile:
                  fontsize=12)
     fig.tight_layout()
     path = out / "k_metrics.png"
-    fig.savefig(path, dpi=figures.DPI, facecolor="white")
-    plt.close(fig)
+    figures.save(fig, path)
     sns.reset_orig()
     return FigureFile(path, "Final metrics against k", grids=[(rows, cols)])
 
@@ -162,8 +161,7 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out: Path) -> Fi
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     grid.figure.suptitle("Learning curves per k: mean over seeds, band = 95% t-interval", y=1.02)
     path = out / "k_learning_curves.png"
-    grid.figure.savefig(path, dpi=figures.DPI, bbox_inches="tight", facecolor="white")
-    plt.close(grid.figure)
+    figures.save(grid.figure, path)
     sns.reset_orig()
     return FigureFile(path, "Learning curves per k")
 

@@ -105,8 +105,7 @@ def history_figure(table: pd.DataFrame, metric: str, mode: str, out: Path) -> Fi
     ax.legend(fontsize=8, title="k", loc="best")
     fig.tight_layout()
     path = out / "overview_history.png"
-    fig.savefig(path, dpi=figures.DPI, facecolor="white")
-    plt.close(fig)
+    figures.save(fig, path)
     sns.reset_orig()
     return FigureFile(path, "Optimisation history")
 
@@ -138,8 +137,7 @@ def importance_figure(values: dict[str, float], out: Path) -> FigureFile:
     ax.set_title("Hyperparameter importances (Optuna, fANOVA)")
     fig.tight_layout()
     path = out / "overview_importances.png"
-    fig.savefig(path, dpi=figures.DPI, facecolor="white")
-    plt.close(fig)
+    figures.save(fig, path)
     sns.reset_orig()
     return FigureFile(path, "Hyperparameter importances")
 
@@ -172,8 +170,7 @@ def params_figure(table: pd.DataFrame, metric: str, out: Path) -> FigureFile | N
     fig.suptitle(f"The objective ({metric}) against each searched hyperparameter", fontsize=11)
     fig.tight_layout()
     path = out / "overview_params.png"
-    fig.savefig(path, dpi=figures.DPI, facecolor="white")
-    plt.close(fig)
+    figures.save(fig, path)
     sns.reset_orig()
     return FigureFile(path, "Objective against each hyperparameter")
 
