@@ -8,6 +8,12 @@ filesystem:
 - the trainable puts each checkpoint into `CheckpointStore`, a small named Ray actor that the
   driver starts on the head node (so a retry on any node finds it at once), and reports it to the
   driver, which writes it to `rbm_checkpoints` (one row a trial, deleted when the trial finishes);
+- large values a trial reports (checkpoints, the final weight files) go through the store as
+  blobs (`send_blob` / `receive_blob`), and the result itself carries only their name. A Tune
+  result above Ray's inline limit (100 KB) waits in the reporting node's object store until the
+  driver fetches it; if that node dies in between, Tune's controller (ray 2.58) raises "Failed to
+  retrieve object" and the whole study stops instead of retrying the trial. Put into the store on
+  the head node first, the bytes outlive the worker;
 - a driver starting (`launch` or `resume`) seeds the store from the database with the
   checkpoints of the study's `interrupted` trials.
 
@@ -65,11 +71,22 @@ def unpack(data: bytes) -> tuple[bytes, list[EpochRow]]:
     return data[start + size:], epochs
 
 
+_BLOB_PREFIX = "rbm-study-blob:"
+
+
 class CheckpointStore:
-    """config key -> packed checkpoint, in memory (the database keeps the durable copy)."""
+    """config key -> packed checkpoint, in memory (the database keeps the durable copy); and blobs
+    in transit from trials to the driver, each taken once."""
 
     def __init__(self, seed: dict[str, bytes] | None = None):
         self._data: dict[str, bytes] = dict(seed or {})
+        self._blobs: dict[str, Any] = {}
+
+    def put_blob(self, name: str, value: Any) -> None:
+        self._blobs[name] = value
+
+    def take_blob(self, name: str) -> Any:
+        return self._blobs.pop(name, None)
 
     def put(self, key: str, data: bytes) -> None:
         self._data[key] = data
@@ -134,3 +151,38 @@ def store_put(store: Any | None, key: str, data: bytes) -> None:
         ray.get(store.put.remote(key, data), timeout=_TIMEOUT_S)
     except Exception as err:
         log.warning("checkpoint store unreachable; the driver still gets the checkpoint: %s", err)
+
+
+def send_blob(store: Any | None, value: Any) -> Any:
+    """What a trial reports in place of a large `value`: a short reference once the store holds it
+    (see the module docstring), or `value` itself without a reachable store."""
+    if store is None:
+        return value
+    import uuid
+
+    import ray
+
+    name = _BLOB_PREFIX + uuid.uuid4().hex
+    try:
+        ray.get(store.put_blob.remote(name, value), timeout=_TIMEOUT_S)
+    except Exception as err:
+        log.warning("checkpoint store unreachable, reporting the value itself: %s", err)
+        return value
+    return name
+
+
+def receive_blob(reported: Any) -> Any:
+    """The value behind what `send_blob` reported (driver side); None if the store lost it."""
+    if not (isinstance(reported, str) and reported.startswith(_BLOB_PREFIX)):
+        return reported
+    store = find_store()
+    if store is None:
+        log.warning("no checkpoint store to fetch %s from", reported)
+        return None
+    import ray
+
+    try:
+        return ray.get(store.take_blob.remote(reported), timeout=_TIMEOUT_S)
+    except Exception as err:
+        log.warning("could not fetch %s from the checkpoint store: %s", reported, err)
+        return None

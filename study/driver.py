@@ -158,7 +158,7 @@ def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyC
     from optuna.trial import TrialState
     from ray.tune import Callback
 
-    from study.checkpoints import find_store
+    from study.checkpoints import find_store, receive_blob
     from study.search import objective_values
     from study.trainable import trial_params
 
@@ -209,7 +209,7 @@ def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyC
                 self.keys[trial.trial_id] = result["config_key"]
             if kind == "checkpoint":
                 # Popped, so Tune's trial state (last_result, pickled with the experiment) stays small.
-                data = result.pop("checkpoint", None)
+                data = receive_blob(result.pop("checkpoint", None))
                 if isinstance(data, bytes) and data:
                     storage.save_checkpoint(row, str(result["stage"]), str(result["config_key"]), data)
             elif kind == "epoch":
@@ -221,7 +221,7 @@ def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyC
                 storage.add_epoch_metrics(row, stage, int(result["epoch"]),
                                           {k.split(".", 1)[1]: v for k, v in values.items()})
             elif kind in ("final", "failed"):
-                weights = result.pop("weights", None) or {}
+                weights = receive_blob(result.pop("weights", None)) or {}
                 self.final[trial.trial_id] = {
                     "kind": kind, "error": result.get("error"), "weights": weights,
                     "metrics": {

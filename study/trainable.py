@@ -4,16 +4,17 @@ Runs wherever Ray places it (any node of a cluster) and never touches the databa
 goes back to the driver through `tune.report`:
 
     per epoch   {"kind": "epoch", "stage", "epoch", "lab_epoch", "node", <metric>, "<stage>.<metric>", ...}
-    per stage   {"kind": "checkpoint", "stage", "config_key", "checkpoint": bytes, "node"}  (rbm, dbn)
+    per stage   {"kind": "checkpoint", "stage", "config_key", "checkpoint": blob of bytes, "node"}  (rbm, dbn)
     at the end  {"kind": "final", "node", "config_key", <final metrics, dotted names>,
-                 "trial.resumed_after_stage", "weights": {file: bytes}}
+                 "trial.resumed_after_stage", "weights": blob of {file: bytes}}
     or          {"kind": "failed", "node", "config_key", "error": "..."}   a diverged run or bad input
 
 `lab_epoch` counts epochs across the stages (rbm, then dbn, then finetune), whatever attempt
 reports them: it is ASHA's time attribute, so the checkpoint and final results, which lack it,
-never count as a step. The weight files travel inside the final result, not as a Tune
-checkpoint, so a cluster needs no shared filesystem: the bytes reach the driver over Ray's object
-transfer and the driver stores them.
+never count as a step. The weight files and checkpoints are not Tune checkpoints, so a cluster
+needs no shared filesystem: they go to the study's store on the head node and the result names
+them (`study.checkpoints.send_blob`; large results must not wait on a node that may die), and the
+driver fetches and stores them.
 
 Stage checkpoints (`study.checkpoints`): before training, the trial asks the study's checkpoint
 store for one of its config and, if there is one, carries on after that stage; it first sends the
@@ -36,7 +37,7 @@ import traceback
 from typing import Any
 
 from core.errors import UserError
-from study.checkpoints import EpochRow, config_key, find_store, pack, store_get, store_put, unpack
+from study.checkpoints import EpochRow, config_key, find_store, pack, send_blob, store_get, store_put, unpack
 from study.config import StudyConfig
 
 NODE_ENV = "RBM_STUDY_NODE"  # optional human name of a node, set by docker/entrypoint.sh
@@ -84,8 +85,8 @@ def run_trial(config: dict[str, Any], study_config: dict | None = None, searched
     def on_checkpoint(checkpoint: LabCheckpoint) -> None:
         data = pack(checkpoint.to_bytes(), epochs)
         store_put(store, key, data)
-        tune.report({"kind": "checkpoint", "stage": checkpoint.stage, "config_key": key, "checkpoint": data,
-                     "node": node})
+        tune.report({"kind": "checkpoint", "stage": checkpoint.stage, "config_key": key,
+                     "checkpoint": send_blob(store, data), "node": node})
 
     store = find_store()
     try:
@@ -114,7 +115,7 @@ def run_trial(config: dict[str, Any], study_config: dict | None = None, searched
         "kind": "final", "node": node, "config_key": key, "lab_seconds": result.seconds,
         **{k: float(v) for k, v in result.metrics.items()},
         "trial.resumed_after_stage": float(resumed_after),
-        "weights": result.weight_files(),
+        "weights": send_blob(store, result.weight_files()),
     })
 
 
