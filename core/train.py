@@ -131,11 +131,18 @@ class CDTrainer:
         if s.persistent:
             self.chain = vk
 
-        # dW = (v0' ph0 - vk' phk) / N as two GEMMs into one buffer, no temporaries
-        grad_W = torch.mm(v0.T, ph0, out=work.grad_weights).addmm_(vk.T, phk, alpha=-1.0)
         grad_a = v0.sum(dim=0) - vk.sum(dim=0)  # two column sums: half the cost of (v0 - vk).sum
         grad_b = ph0.sum(dim=0) - phk.sum(dim=0)
         scale = s.learning_rate / n
+        if not (s.momentum or s.weight_decay):
+            # the plain update straight into W: W += lr/N (v0' ph0 - vk' phk), no dW buffer
+            rbm.W.addmm_(v0.T, ph0, alpha=scale).addmm_(vk.T, phk, alpha=-scale)
+            rbm.a.add_(grad_a, alpha=scale)
+            rbm.b.add_(grad_b, alpha=scale)
+            return recon_error
+
+        # dW = v0' ph0 - vk' phk (times N) as two GEMMs into one buffer, no temporaries
+        grad_W = torch.mm(v0.T, ph0, out=work.grad_weights).addmm_(vk.T, phk, alpha=-1.0)
         if s.weight_decay:
             grad_W.add_(rbm.W, alpha=-s.weight_decay * n)
         if s.momentum:
