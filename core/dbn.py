@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from core.rbm import RBM, bernoulli, visible_bias_from_means
+from core.rbm import RBM, FastBernoulli, bernoulli, visible_bias_from_means
 from core.train import CDSettings, EpochCallback, train_rbm
 
 
@@ -90,10 +90,13 @@ def train_dbn_layer(
     """Greedily train one more RBM on samples of the top hidden layer of the frozen `below` stack.
 
     Its visible bias starts at the base rate of the layer below's mean activity (Hinton's guide).
+    The up pass that makes its data samples with the training sampler, like the CD chain.
     """
+    sample = FastBernoulli(generator)
+
     def encode(v: torch.Tensor) -> torch.Tensor:
         for layer in below:
-            v = bernoulli(layer.p_h(v), generator)
+            v = sample(layer.p_h(v))
         return v
 
     means = mean_activity(below, data)

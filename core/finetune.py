@@ -24,7 +24,7 @@ import torch
 
 from core.data import minibatches
 from core.dbn import DBN
-from core.rbm import RBM, bernoulli
+from core.rbm import RBM, FastBernoulli, bernoulli
 from core.train import CDSettings, CDTrainer, EpochCallback
 
 
@@ -76,42 +76,46 @@ class UpDownDBN:
 def up_down_epoch(
     model: UpDownDBN, data: torch.Tensor, settings: CDSettings, generator: torch.Generator
 ) -> dict[str, float]:
-    """One epoch of up-down over grey-valued `data`; updates `model` in place."""
+    """One epoch of up-down over grey-valued `data`; updates `model` in place.
+
+    Wake and sleep states are drawn with the training sampler (`FastBernoulli`), like the CD chain.
+    """
     start = time.perf_counter()
+    sample = FastBernoulli(generator)
     lr = settings.learning_rate
     top_trainer = CDTrainer(model.top, CDSettings(cd_k=settings.cd_k, learning_rate=lr), generator)
-    wake_error, sleep_error, batches = 0.0, 0.0, 0
+    wake_errors, sleep_errors = [], []  # 0-dim tensors, summed once: no host sync per step (CUDA)
     for v in minibatches(data, settings.batch_size, generator):
         n = v.shape[0]
         # wake: recognise, then see how well the generative weights predict the data
-        h1 = bernoulli(model.p_h1(v), generator)
-        pv = model.p_v(h1)
-        grad_G = h1.T @ (v - pv)
-        grad_a = (v - pv).sum(dim=0)
+        h1 = sample(model.p_h1(v))
+        wake_diff = v - model.p_v(h1)
+        grad_G = h1.T @ wake_diff
+        grad_a = wake_diff.sum(dim=0)
 
         # top: CD-k from the wake state; the top RBM's own update touches nothing used below
-        top_trainer.step(h1)
+        top_trainer.update(h1)
         h1_neg = top_trainer.last_negative
 
         # sleep: dream from the generative model, see how well recognition inverts the dream
-        v_s = bernoulli(model.p_v(h1_neg), generator)
-        ph1 = model.p_h1(v_s)
-        grad_R = v_s.T @ (h1_neg - ph1)
-        grad_b_rec = (h1_neg - ph1).sum(dim=0)
+        v_s = sample(model.p_v(h1_neg))
+        sleep_diff = h1_neg - model.p_h1(v_s)
+        grad_R = v_s.T @ sleep_diff
+        grad_b_rec = sleep_diff.sum(dim=0)
 
         model.G.add_(grad_G, alpha=lr / n)
         model.a.add_(grad_a, alpha=lr / n)
         model.R.add_(grad_R, alpha=lr / n)
         model.b_rec.add_(grad_b_rec, alpha=lr / n)
 
-        wake_error += float(((v - pv) ** 2).sum()) / n
-        sleep_error += float(((h1_neg - ph1) ** 2).sum()) / n
-        batches += 1
+        wake_errors.append(wake_diff.square().sum() / n)
+        sleep_errors.append(sleep_diff.square().sum() / n)
+    batches = max(len(wake_errors), 1)
     if not all(torch.isfinite(t).all() for t in (model.R, model.G, model.top.W)):
         raise FloatingPointError("fine-tuning diverged: weights hold NaN or inf (lower finetune.learning_rate)")
     return {
-        "train_recon_error": wake_error / max(batches, 1),
-        "sleep_recognition_error": sleep_error / max(batches, 1),
+        "train_recon_error": float(torch.stack(wake_errors).sum()) / batches,
+        "sleep_recognition_error": float(torch.stack(sleep_errors).sum()) / batches,
         "seconds": time.perf_counter() - start,
     }
 

@@ -98,9 +98,9 @@ class CDTrainer:
         The error is the summed squared difference between v0 and p(v|h0), per image, the usual
         cheap (and not very informative) training signal.
         """
-        return float(self._step(v0))
+        return float(self.update(v0))
 
-    def _step(self, v0: torch.Tensor) -> torch.Tensor:
+    def update(self, v0: torch.Tensor) -> torch.Tensor:
         """`step` without the host sync: the reconstruction error stays a 0-dim tensor on the device.
 
         The chain is sampled with `FastBernoulli` (16-bit uniforms, bias <= 2^-17 per unit): with
@@ -170,7 +170,7 @@ class CDTrainer:
         start = time.perf_counter()
         errors = []  # 0-dim tensors, summed once at the end: no per-step host sync (CUDA)
         for v0 in minibatches(data, self.settings.batch_size, self.generator):
-            errors.append(self._step(v0 if encode is None else encode(v0)))
+            errors.append(self.update(v0 if encode is None else encode(v0)))
         batches = len(errors)
         total = float(torch.stack(errors).sum()) if errors else 0.0
         if not torch.isfinite(self.rbm.W).all():
