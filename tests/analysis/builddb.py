@@ -1,8 +1,8 @@
 """Build a small but real study database for the analysis tests, without Ray.
 
 Tiny models are really trained with `core.pipeline.run_lab` (k in {1, 2} x seeds {0, 1}), and
-their metrics and weight files are written with the SQLAlchemy models of `study/schema.py`, the
-same rows the study service writes; a matching Optuna study lives in the same file. Also usable
+their metrics and weight files are written through `study.storage`, the study service's own
+writer; a matching Optuna study lives in the same file. Also usable
 by hand: `python -m tests.analysis.builddb OUT.db`.
 """
 
@@ -10,25 +10,12 @@ from __future__ import annotations
 
 import copy
 import sys
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
-from sqlalchemy import create_engine
-from sqlalchemy.orm import Session
 
 from core.config import load_config
-from study.schema import (
-    APP_NAME,
-    SCHEMA_VERSION,
-    Base,
-    EpochMetric,
-    FinalMetric,
-    Meta,
-    Study,
-    Trial,
-    Weights,
-)
+from study.storage import StudyStorage
 
 TINY = [
     "data.subset=1000",
@@ -43,7 +30,6 @@ TINY = [
     "device=cpu",
 ]
 OBJECTIVE = "final.val.log_likelihood"
-T0 = datetime(2026, 1, 1, 12, 0, 0)
 
 
 def train_all(ks=(1, 2), seeds=(0, 1), mnist_root: str | None = None) -> list[dict]:
@@ -82,70 +68,48 @@ def write_study(
     extra_states: tuple[tuple[str, str | None], ...] = (),
     study_status: str = "completed",
 ) -> None:
-    """Write one study (our tables and Optuna's) into the file at `path` (created if missing).
+    """Write one study into the file at `path` (created if missing) the way the driver does:
+    our rows through `study.storage.StudyStorage`, Optuna's through Optuna, in the same file.
 
     `extra_states`: (state, error) of trials without results appended after the runs, e.g.
     ("failed", "FloatingPointError: ...") or ("running", None).
     """
-    engine = create_engine(f"sqlite:///{path}")
-    Base.metadata.create_all(engine)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ostudy = optuna.create_study(storage=f"sqlite:///{path}", study_name=name, direction="maximize")
-    distributions = {
-        "rbm.cd_k": optuna.distributions.CategoricalDistribution(
-            sorted({r["params"]["rbm.cd_k"] for r in runs} or {1})),
-        "seed": optuna.distributions.CategoricalDistribution(sorted({r["params"]["seed"] for r in runs} or {0})),
-    }
+    storage = StudyStorage(path, create=True)  # ours first: Optuna's tables alone make a foreign file
     config = runs[0]["config"] if runs else load_config(None, TINY)
-    # Optuna's rows first: its storage opens its own connection to the same file
+    search = {"rbm.cd_k": [1, 2], "seed": [0, 1]}
+    info = storage.create_study(name, {"lab": config, "search": search}, len(runs) + len(extra_states),
+                                OBJECTIVE, "max", "test")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ostudy = optuna.create_study(storage=storage.url, study_name=name, direction="maximize")
+    distributions = {key: optuna.distributions.CategoricalDistribution(values) for key, values in search.items()}
     for run in runs:
         ostudy.add_trial(optuna.trial.create_trial(
             params=run["params"], distributions=distributions, value=run["metrics"][OBJECTIVE],
             state=optuna.trial.TrialState.COMPLETE,
         ))
-    for state, _ in extra_states:
-        if state in ("failed", "pruned"):
-            ostate = optuna.trial.TrialState.FAIL if state == "failed" else optuna.trial.TrialState.PRUNED
+        trial = storage.start_trial(info.id, ray_trial_id=f"t{len(ostudy.trials) - 1}",
+                                    optuna_trial_number=len(ostudy.trials) - 1, params=run["params"],
+                                    config=run["config"])
+        storage.set_trial_node(trial.id, "localhost")
+        by_epoch: dict[tuple[str, int], dict[str, float]] = {}
+        for stage, epoch, metric, value in run["epochs"]:
+            by_epoch.setdefault((stage, epoch), {})[metric] = value
+        for (stage, epoch), values in by_epoch.items():
+            storage.add_epoch_metrics(trial.id, stage, epoch, values)
+        storage.finish_trial(trial.id, "completed", objective_value=run["metrics"][OBJECTIVE],
+                             final_metrics=run["metrics"], weights=run["weights"])
+    for i, (state, error) in enumerate(extra_states):
+        ostate = {"failed": optuna.trial.TrialState.FAIL, "pruned": optuna.trial.TrialState.PRUNED}.get(state)
+        if ostate is not None:
             ostudy.add_trial(optuna.trial.create_trial(params={}, distributions={}, state=ostate))
-    with Session(engine) as session:
-        if session.get(Meta, "schema_version") is None:
-            session.add_all([Meta(key="schema_version", value=str(SCHEMA_VERSION)),
-                             Meta(key="app", value=APP_NAME)])
-        study = Study(
-            name=name, config={"lab": config, "search": {"rbm.cd_k": [1, 2], "seed": [0, 1]}},
-            status=study_status, num_samples=len(runs) + len(extra_states), objective_metric=OBJECTIVE,
-            objective_mode="max", code_version="test", created_at=T0, updated_at=T0,
-            finished_at=T0 + timedelta(hours=1) if study_status == "completed" else None,
-        )
-        session.add(study)
-        session.flush()
-        number = 0
-        for run in runs:
-            start = T0 + timedelta(minutes=number)
-            trial = Trial(
-                study_id=study.id, number=number, ray_trial_id=f"t{number}", optuna_trial_number=number,
-                params=run["params"], config=run["config"], state="completed", node="localhost",
-                objective_value=run["metrics"][OBJECTIVE], started_at=start,
-                finished_at=start + timedelta(seconds=run["seconds"]),
-            )
-            session.add(trial)
-            session.flush()
-            session.add_all(EpochMetric(trial_id=trial.id, stage=s, epoch=e, name=n, value=v)
-                            for s, e, n, v in run["epochs"])
-            session.add_all(FinalMetric(trial_id=trial.id, name=n, value=float(v))
-                            for n, v in run["metrics"].items())
-            session.add_all(Weights(trial_id=trial.id, file_name=f, data=b) for f, b in run["weights"].items())
-            number += 1
-        for state, error in extra_states:
-            start = T0 + timedelta(minutes=number)
-            session.add(Trial(
-                study_id=study.id, number=number, optuna_trial_number=None, params={"rbm.cd_k": 25, "seed": 0},
-                config=config, state=state, node="localhost", objective_value=None, error=error,
-                started_at=start, finished_at=None if state == "running" else start + timedelta(seconds=5),
-            ))
-            number += 1
-        session.commit()
-    engine.dispose()
+        trial = storage.start_trial(info.id, ray_trial_id=f"extra{i}", optuna_trial_number=None,
+                                    params={"rbm.cd_k": 25, "seed": 0}, config=config)
+        storage.set_trial_node(trial.id, "localhost")
+        if state != "running":
+            storage.finish_trial(trial.id, state, error=error)
+    if study_status != "running":
+        storage.set_study_status(info.id, study_status)
+    storage.close()
 
 
 if __name__ == "__main__":
