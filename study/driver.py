@@ -221,9 +221,12 @@ def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyC
                 storage.add_epoch_metrics(row, stage, int(result["epoch"]),
                                           {k.split(".", 1)[1]: v for k, v in values.items()})
             elif kind in ("final", "failed"):
-                weights = receive_blob(result.pop("weights", None)) or {}
+                weights = receive_blob(result.pop("weights", None))
+                error = result.get("error")
+                if kind == "final" and not weights:  # a completed trial without its files is no result
+                    kind, error = "failed", "the weight files were lost on their way to the driver (see the log)"
                 self.final[trial.trial_id] = {
-                    "kind": kind, "error": result.get("error"), "weights": weights,
+                    "kind": kind, "error": error, "weights": weights or {},
                     "metrics": {
                         k: float(v) for k, v in result.items()
                         if ("." in k or k == "lab_seconds") and isinstance(v, (int, float)) and not isinstance(v, bool)
