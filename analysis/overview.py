@@ -125,7 +125,11 @@ def importances(optuna_study: Any) -> tuple[dict[str, float] | None, str]:
         return None, f"Optuna could not compute parameter importances: {str(err).splitlines()[0]}"
     if not values:
         return None, "Optuna found no searched parameter with more than one value"
-    return dict(values), "fANOVA importances (optuna.importance.get_param_importances) over the completed trials"
+    several = len(optuna_study.directions) > 1
+    how = ("of reaching the best trials (for several objectives: the Pareto front's best by hypervolume)"
+           if several else "of reaching the best 10% of the objective")
+    return dict(values), ("PED-ANOVA importances (Optuna's default evaluator, optuna.importance."
+                          f"get_param_importances) {how}, over the completed trials")
 
 
 def importance_figure(values: dict[str, float], out: Path) -> FigureFile:
@@ -134,7 +138,7 @@ def importance_figure(values: dict[str, float], out: Path) -> FigureFile:
     names = list(values)[::-1]
     ax.barh(names, [values[n] for n in names], color="C0")
     ax.set_xlabel("importance for the objective (sums to 1)")
-    ax.set_title("Hyperparameter importances (Optuna, fANOVA)")
+    ax.set_title("Hyperparameter importances (Optuna, PED-ANOVA)")
     fig.tight_layout()
     path = out / "overview_importances.png"
     figures.save(fig, path)

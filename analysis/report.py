@@ -86,7 +86,12 @@ def _build(snap: Snapshot, study: pd.Series, asked: int | None, out: Path) -> Do
     trials = snap.study_trials(int(study["id"]))
     table = overview.trials_table(trials, snap.final_metrics)
     table.to_csv(out / "trials.csv", index=False)
-    metric, mode = study["objective_metric"], study["objective_mode"]
+    # Several objectives are stored comma-separated; tables, the history and "best" rank by the first.
+    metrics, modes = str(study["objective_metric"]).split(","), str(study["objective_mode"]).split(",")
+    metric, mode = metrics[0], modes[0]
+    objectives = ", ".join(f"`{m}` ({d}imised)" for m, d in zip(metrics, modes, strict=False))
+    if len(metrics) > 1:
+        objectives += f"; tables and figures rank trials by the first, `{metric}`"
     done = table[(table["state"] == "completed")] if not table.empty else table
     doc = Document(f"rbm-study report: {study['name']}")
 
@@ -94,8 +99,8 @@ def _build(snap: Snapshot, study: pd.Series, asked: int | None, out: Path) -> Do
     taken = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     doc.text(
         f"Database `{snap.path}`, read {taken} (a consistent snapshot). Study status: **{study['status']}**; "
-        f"trials: {overview.state_counts(table) if not table.empty else 'none yet'}. Objective: `{metric}` "
-        f"({mode}imised). Code version {study['code_version']}."
+        f"trials: {overview.state_counts(table) if not table.empty else 'none yet'}. "
+        f"Objective{'s' if len(metrics) > 1 else ''}: {objectives}. Code version {study['code_version']}."
     )
     if study["status"] == "running":
         doc.note("the study is still running: the numbers below are those of the snapshot and will change.",

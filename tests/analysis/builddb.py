@@ -67,24 +67,26 @@ def write_study(
     runs: list[dict],
     extra_states: tuple[tuple[str, str | None], ...] = (),
     study_status: str = "completed",
+    objectives: tuple[str, ...] = (OBJECTIVE,),
 ) -> None:
     """Write one study into the file at `path` (created if missing) the way the driver does:
     our rows through `study.storage.StudyStorage`, Optuna's through Optuna, in the same file.
 
     `extra_states`: (state, error) of trials without results appended after the runs, e.g.
-    ("failed", "FloatingPointError: ...") or ("running", None).
+    ("failed", "FloatingPointError: ...") or ("running", None). `objectives`: maximised, as the
+    study service stores several (comma-separated, the first is the trial's objective value).
     """
     storage = StudyStorage(path, create=True)  # ours first: Optuna's tables alone make a foreign file
     config = runs[0]["config"] if runs else load_config(None, TINY)
     search = {"rbm.cd_k": [1, 2], "seed": [0, 1]}
     info = storage.create_study(name, {"lab": config, "search": search}, len(runs) + len(extra_states),
-                                OBJECTIVE, "max", "test")
+                                ",".join(objectives), ",".join("max" for _ in objectives), "test")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ostudy = optuna.create_study(storage=storage.url, study_name=name, direction="maximize")
+    ostudy = optuna.create_study(storage=storage.url, study_name=name, directions=["maximize"] * len(objectives))
     distributions = {key: optuna.distributions.CategoricalDistribution(values) for key, values in search.items()}
     for run in runs:
         ostudy.add_trial(optuna.trial.create_trial(
-            params=run["params"], distributions=distributions, value=run["metrics"][OBJECTIVE],
+            params=run["params"], distributions=distributions, values=[run["metrics"][o] for o in objectives],
             state=optuna.trial.TrialState.COMPLETE,
         ))
         trial = storage.start_trial(info.id, ray_trial_id=f"t{len(ostudy.trials) - 1}",
@@ -96,7 +98,7 @@ def write_study(
             by_epoch.setdefault((stage, epoch), {})[metric] = value
         for (stage, epoch), values in by_epoch.items():
             storage.add_epoch_metrics(trial.id, stage, epoch, values)
-        storage.finish_trial(trial.id, "completed", objective_value=run["metrics"][OBJECTIVE],
+        storage.finish_trial(trial.id, "completed", objective_value=run["metrics"][objectives[0]],
                              final_metrics=run["metrics"], weights=run["weights"])
     for i, (state, error) in enumerate(extra_states):
         ostate = {"failed": optuna.trial.TrialState.FAIL, "pruned": optuna.trial.TrialState.PRUNED}.get(state)

@@ -150,6 +150,23 @@ def test_one_k_and_no_completed_trial_are_said(runs: list[dict], tmp_path: Path)
     assert _digest(empty) == before  # read, never written
 
 
+def test_several_objectives_are_named_and_ranked_by_the_first(runs: list[dict], tmp_path: Path):
+    """A multi-objective study stores "a,b" and "max,max": the report names both and ranks by the
+    first, best first (a "max,max" taken for "not max" once ranked it as minimised)."""
+    first, second = "rbm.val.log_likelihood", builddb.OBJECTIVE
+    path = tmp_path / "two.db"
+    builddb.write_study(path, "two", runs, objectives=(first, second))
+    assert main(["report", "--db", str(path), "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert f"Objectives: `{first}` (maximised), `{second}` (maximised)" in text
+    assert f"Best trials by `{first}` (maximised)" in text
+    best = pd.read_csv(tmp_path / "r" / "trials.csv").query("state == 'completed'")["objective"].max()
+    table = text.split(f"Best trials by `{first}` (maximised)")[1]
+    first_row = next(line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit())
+    assert float(first_row.split("|")[5]) == pytest.approx(best, abs=0.006)  # the objective column, rounded
+    assert "Pareto front" in text
+
+
 def test_snapshot_of_a_study_being_written(study_db: Path, tmp_path: Path):
     """A writer holding an open transaction (WAL mode, as the study service runs) does not stop the
     report, and the report sees the last committed state only."""
