@@ -69,3 +69,19 @@ def test_a_relative_mnist_root_works_inside_ray(tmp_path):
               extra_env={"MNIST_ROOT": relative, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stdout + run.stderr
     assert trial_states(tmp_path / "study.db") == {"completed": 1}
+
+
+@pytest.mark.slow
+@needs_mnist()
+def test_the_lab_config_runs_as_a_study_of_one_trial(tmp_path):
+    """configs/lab.yaml (no search section) is a study of one trial: the lab's own settings."""
+    db = tmp_path / "lab.db"
+    small = ["rbm.epochs=1", "dbn.epochs=1", "finetune.epochs=1", "data.subset=2000", "data.val_size=500",
+             "eval.ais_betas=200", "eval.ais_chains=16", "eval.size=200", "resources.num_cpus=2"]
+    run = cli("launch", "configs/lab.yaml", "--db", str(db), *[a for s in small for a in ("--set", s)])
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert trial_states(db) == {"completed": 1}
+    files = {f for (f,) in query(db, "SELECT file_name FROM rbm_weights")}
+    assert files == {"zad1_rbm.th", "zad2_dbn.th", "zad3_dbn_ft.th"}
+    config = query(db, "SELECT config FROM rbm_trials")[0][0]
+    assert '"cd_k": 1' in config and '"hidden_size": 100' in config  # the handout's settings, kept
