@@ -19,6 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--trial", type=int, metavar="ID",
                         help="also draw the lab's figures of this trial (its id, as in trials.csv)")
     report.add_argument("--out", required=True, metavar="DIR", help="folder to write the report into")
+    report.add_argument("--data-dir", metavar="ROOT",
+                        help="MNIST root for the reconstruction figures (default: the trial's data.root, "
+                        "$MNIST_ROOT, ./data)")
     report.set_defaults(func=_report)
 
     export = subparsers.add_parser(
@@ -35,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _report(args: argparse.Namespace) -> int:
     from analysis.report import build
 
-    index = build(args.db, args.out, name=args.name, trial_id=args.trial)
+    index = build(args.db, args.out, name=args.name, trial_id=args.trial, data_dir=args.data_dir)
     print(f"report written: {index}")
     return 0
 

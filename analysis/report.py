@@ -23,13 +23,18 @@ from core.errors import UserError
 MAX_SAMPLED_TRIALS = 60  # trials whose samples enter the sample statistics (best first)
 
 
-def load_test_digits(config: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
-    """The first N_DIGITS test images (grey, and binarised once) or (None, None, why not)."""
+def load_test_digits(
+    config: dict, data_dir: str | Path | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+    """The first N_DIGITS test images (grey, and binarised once) or (None, None, why not).
+
+    MNIST is looked for as `rbm-study run` does: `data_dir` (--data-dir), the trial config's
+    data.root, $MNIST_ROOT, ./data."""
     from core.data import ENV_VAR, binarize_once, has_mnist, load_mnist
 
     candidates = []
     configured = (config.get("data") or {}).get("root") if isinstance(config, dict) else None
-    for root in (configured, os.environ.get(ENV_VAR), "data"):
+    for root in (data_dir, configured, os.environ.get(ENV_VAR), "data"):
         if root and Path(root) not in candidates:
             candidates.append(Path(root))
     for root in candidates:
@@ -42,8 +47,8 @@ def load_test_digits(config: dict) -> tuple[torch.Tensor | None, torch.Tensor | 
             return grey, binarize_once(grey), ""
     looked = ", ".join(str(c) for c in candidates) or "nowhere"
     return None, None, (
-        f"reconstructions need the MNIST test images, not found (looked in {looked}); set {ENV_VAR} to a folder "
-        "holding MNIST/raw/*-ubyte[.gz] and run the report again"
+        f"reconstructions need the MNIST test images, not found (looked in {looked}); pass --data-dir or set "
+        f"{ENV_VAR} to a folder holding MNIST/raw/*-ubyte[.gz] and run the report again"
     )
 
 
@@ -67,22 +72,26 @@ def _trial_label(row: pd.Series) -> str:
     return f"trial {int(row['trial_id'])}, k={row['k']}, seed={row['seed']}"
 
 
-def build(db: str | Path, out: str | Path, name: str | None = None, trial_id: int | None = None) -> Path:
-    """Write the report of one study into `out`; returns the path of index.html."""
+def build(
+    db: str | Path, out: str | Path, name: str | None = None, trial_id: int | None = None,
+    data_dir: str | Path | None = None,
+) -> Path:
+    """Write the report of one study into `out`; returns the path of index.html. `data_dir`: where
+    MNIST is, for the reconstruction figures (see `load_test_digits`)."""
     out = Path(out)
     with open_snapshot(db) as snap:
         study = snap.study(name, trial_id)
         if trial_id is not None:
             snap.trial(trial_id, int(study["id"]))
         out.mkdir(parents=True, exist_ok=True)
-        doc = _build(snap, study, trial_id, out)
+        doc = _build(snap, study, trial_id, out, data_dir)
         write(doc, out)
         for key in [k for k in _SAMPLES if k[0] == str(snap.copy)]:
             del _SAMPLES[key]
     return out / "index.html"
 
 
-def _build(snap: Snapshot, study: pd.Series, asked: int | None, out: Path) -> Document:
+def _build(snap: Snapshot, study: pd.Series, asked: int | None, out: Path, data_dir: str | Path | None) -> Document:
     trials = snap.study_trials(int(study["id"]))
     table = overview.trials_table(trials, snap.final_metrics)
     table.to_csv(out / "trials.csv", index=False)
@@ -124,7 +133,7 @@ def _build(snap: Snapshot, study: pd.Series, asked: int | None, out: Path) -> Do
     why = ""
     if to_draw:
         trial_config = trials[trials["id"] == int(to_draw[0][1]["trial_id"])]["config"].iloc[0]
-        grey, binary, why = load_test_digits(trial_config or lab)
+        grey, binary, why = load_test_digits(trial_config or lab, data_dir)
         if grey is None:
             doc.note(why)
     for reason, row in to_draw:

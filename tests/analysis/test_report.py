@@ -150,6 +150,23 @@ def test_one_k_and_no_completed_trial_are_said(runs: list[dict], tmp_path: Path)
     assert _digest(empty) == before  # read, never written
 
 
+def test_mnist_for_the_reconstructions_comes_from_data_dir_or_is_asked_for(
+    runs: list[dict], mnist_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A study launched with $MNIST_ROOT (no data.root in its configs), reported without it."""
+    unrooted = [{**r, "config": {**r["config"], "data": {**r["config"]["data"], "root": None}}} for r in runs[:1]]
+    study_db = tmp_path / "unrooted.db"
+    builddb.write_study(study_db, "unrooted", unrooted)
+    monkeypatch.delenv("MNIST_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./data here
+    assert main(["report", "--db", str(study_db), "--out", "without"]) == 0
+    assert "pass --data-dir or set MNIST_ROOT" in (tmp_path / "without" / "report.md").read_text()
+    assert not list((tmp_path / "without").glob("*reconstructions.png"))
+
+    assert main(["report", "--db", str(study_db), "--out", "with", "--data-dir", mnist_dir]) == 0
+    assert list((tmp_path / "with").glob("*task1_reconstructions.png"))
+
+
 def test_several_objectives_are_named_and_ranked_by_the_first(runs: list[dict], tmp_path: Path):
     """A multi-objective study stores "a,b" and "max,max": the report names both and ranks by the
     first, best first (a "max,max" taken for "not max" once ranked it as minimised)."""
