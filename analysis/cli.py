@@ -36,8 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from analysis.report import build
+    from pathlib import Path
 
+    from analysis.report import build
+    from core.data import has_mnist
+    from core.errors import UserError
+
+    if args.data_dir and not has_mnist(Path(args.data_dir)):
+        raise UserError(f"--data-dir {args.data_dir} holds no MNIST/raw/*-ubyte[.gz]; pass the folder holding MNIST/")
     index = build(args.db, args.out, name=args.name, trial_id=args.trial, data_dir=args.data_dir)
     print(f"report written: {index}")
     return 0

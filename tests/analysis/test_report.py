@@ -165,6 +165,8 @@ def test_mnist_for_the_reconstructions_comes_from_data_dir_or_is_asked_for(
 
     assert main(["report", "--db", str(study_db), "--out", "with", "--data-dir", mnist_dir]) == 0
     assert list((tmp_path / "with").glob("*task1_reconstructions.png"))
+    assert main(["report", "--db", str(study_db), "--out", "wrong", "--data-dir", str(tmp_path)]) == 2
+    assert not (tmp_path / "wrong").exists()  # refused before anything is written
 
 
 def test_several_objectives_are_named_and_ranked_by_the_first(runs: list[dict], tmp_path: Path):
