@@ -134,18 +134,11 @@ class CDTrainer:
         grad_a = v0.sum(dim=0) - vk.sum(dim=0)  # two column sums: half the cost of (v0 - vk).sum
         grad_b = ph0.sum(dim=0) - phk.sum(dim=0)
         scale = s.learning_rate / n
-        if not (s.momentum or s.weight_decay):
-            # the plain update straight into W: W += lr/N (v0' ph0 - vk' phk), no dW buffer
-            rbm.W.addmm_(v0.T, ph0, alpha=scale).addmm_(vk.T, phk, alpha=-scale)
-            rbm.a.add_(grad_a, alpha=scale)
-            rbm.b.add_(grad_b, alpha=scale)
-            return recon_error
-
-        # dW = v0' ph0 - vk' phk (times N) as two GEMMs into one buffer, no temporaries
-        grad_W = torch.mm(v0.T, ph0, out=work.grad_weights).addmm_(vk.T, phk, alpha=-1.0)
-        if s.weight_decay:
-            grad_W.add_(rbm.W, alpha=-s.weight_decay * n)
         if s.momentum:
+            # dW = v0' ph0 - vk' phk (times N) as two GEMMs into one buffer, no temporaries
+            grad_W = torch.mm(v0.T, ph0, out=work.grad_weights).addmm_(vk.T, phk, alpha=-1.0)
+            if s.weight_decay:
+                grad_W.add_(rbm.W, alpha=-s.weight_decay * n)
             if self.velocity is None:
                 self.velocity = _Velocity.zeros_like(rbm)
             vel = self.velocity
@@ -155,10 +148,15 @@ class CDTrainer:
             rbm.W.add_(vel.W)
             rbm.a.add_(vel.a)
             rbm.b.add_(vel.b)
-        else:
-            rbm.W.add_(grad_W, alpha=scale)
-            rbm.a.add_(grad_a, alpha=scale)
-            rbm.b.add_(grad_b, alpha=scale)
+            return recon_error
+
+        # Without momentum the update goes straight into W, no dW buffer:
+        # W += lr/N (v0' ph0 - vk' phk) - lr * weight_decay * W
+        if s.weight_decay:
+            rbm.W.mul_(1.0 - s.learning_rate * s.weight_decay)
+        rbm.W.addmm_(v0.T, ph0, alpha=scale).addmm_(vk.T, phk, alpha=-scale)
+        rbm.a.add_(grad_a, alpha=scale)
+        rbm.b.add_(grad_b, alpha=scale)
         return recon_error
 
     def epoch(self, data: torch.Tensor, encode: Encoder | None = None) -> dict[str, float]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import uuid
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,6 @@ def send_blob(store: Any | None, value: Any) -> Any:
     (see the module docstring), or `value` itself without a reachable store."""
     if store is None:
         return value
-    import uuid
-
     import ray
 
     name = _BLOB_PREFIX + uuid.uuid4().hex

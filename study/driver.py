@@ -42,7 +42,7 @@ from study.storage import FINISHED_STATES, StudyInfo, StudyStorage
 log = logging.getLogger(__name__)
 
 # Tune must not insist that every (per-epoch) result carries the final objective, and its JSON/CSV
-# loggers would write the weight bytes of the final result into text files.
+# loggers would keep a second copy of every result beside the database, which alone is the record.
 _TUNE_ENV = {
     "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",

@@ -104,6 +104,14 @@ def test_momentum_and_weight_decay_follow_the_velocity_rule():
     assert torch.allclose(with_extras[1], plain[1]) and torch.allclose(with_extras[2], plain[2])
 
 
+def test_weight_decay_without_momentum_shrinks_w_by_lr_times_decay():
+    rbm, data = tiny_rbm(seed=7), patterns(40)
+    plain = cd_update(rbm, data, CDSettings(cd_k=1, learning_rate=0.5), seed=3)
+    decayed = cd_update(rbm, data, CDSettings(cd_k=1, learning_rate=0.5, weight_decay=0.01), seed=3)
+    assert torch.allclose(decayed[0] - plain[0], -0.5 * 0.01 * rbm.W, atol=1e-6)
+    assert torch.allclose(decayed[1], plain[1]) and torch.allclose(decayed[2], plain[2])
+
+
 def test_same_seed_gives_bit_identical_weights():
     data = torch.rand(300, 20)
 
