@@ -1,9 +1,9 @@
 """MNIST as tensors: found on disk (or downloaded), loaded once, split, binarised by sampling.
 
 Training never goes through a per-image Dataset or PIL: the images are one [N, 784] float tensor
-of grey values in [0, 1] on the chosen device, minibatches are index slices of it, and each
-minibatch is binarised afresh (v = bernoulli(x)) every time it is used. Evaluation sets are
-binarised once, with a fixed seed, so every model is scored on the same binary vectors.
+of grey values in [0, 1] on the chosen device; minibatches are index slices of a binary copy that
+is sampled afresh (v = bernoulli(x)) every epoch, so an image is new each time it is used.
+Evaluation sets are binarised once, with a fixed seed, so every model is scored on the same binary vectors.
 """
 
 from __future__ import annotations
@@ -145,15 +145,53 @@ def binarize_once(x: torch.Tensor, seed: int = EVAL_BINARIZE_SEED) -> torch.Tens
     return bernoulli(x, generator)
 
 
-def minibatches(
-    x: torch.Tensor, batch_size: int, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """Shuffled minibatches of grey values, freshly binarised; the last partial batch is kept.
+class Binarizer:
+    """A grey-valued dataset (x in [0, 1], one image per row) as fresh binary samples v ~ bernoulli(x).
 
-    Binarised with `FastBernoulli` (16-bit uniforms drawn in blocks, bias <= 2^-17 per pixel),
-    which on the CPU costs a fraction of `torch.rand`; evaluation sets use `binarize_once`.
+    `minibatches` gives one epoch: the rows shuffled, every image binarised afresh. A pixel with
+    x = 0 or x = 1 comes out the same in every sample, and 82% of MNIST's pixels are one or the
+    other; so the binary copy is kept from epoch to epoch and each epoch redraws only the pixels
+    strictly between 0 and 1 (18% of MNIST's), in one vectorised pass: 5x fewer random numbers
+    than sampling every minibatch whole. Same distribution, same independence between epochs.
+
+    Making one costs a few passes over the data (~0.4 s for 50,000 MNIST images on a 2-core CPU)
+    and memory for the binary copy and the uncertain pixels' indices (~1.6x the grey data): make
+    one per training run, not per epoch. Samples come from `FastBernoulli` (bias <= 2^-17 per
+    pixel); evaluation sets use `binarize_once`.
     """
-    order = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device)
-    sample = FastBernoulli(generator)
-    for rows in order.split(batch_size):
-        yield sample(x.index_select(0, rows))  # index_select: ~3x cheaper than x[rows] here
+
+    def __init__(self, grey: torch.Tensor):
+        self.grey = grey
+        flat = grey.reshape(-1)
+        self.binary = (grey >= 1).to(grey.dtype)  # the certain ones; x = 0 stays 0
+        self.uncertain = torch.nonzero((flat > 0) & (flat < 1)).squeeze(1)  # flat indices
+        self.p = flat[self.uncertain]
+
+    def __len__(self) -> int:
+        return self.grey.shape[0]
+
+    def minibatches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """One epoch of shuffled binary minibatches; the last partial batch is kept."""
+        order = torch.randperm(len(self), generator=generator, device=generator.device)
+        self._redraw(FastBernoulli(generator))
+        for rows in order.to(self.binary.device).split(batch_size):
+            yield self.binary.index_select(0, rows)  # index_select: ~3x cheaper than x[rows] here
+
+    def _redraw(self, sample: FastBernoulli, chunk: int = 1 << 20) -> None:
+        # in chunks: the sampler's pool and the scattered writes stay cache-sized
+        binary = self.binary.view(-1)
+        for start in range(0, self.uncertain.numel(), chunk):
+            where = self.uncertain[start : start + chunk]
+            binary.index_put_((where,), sample(self.p[start : start + chunk]))
+
+
+def minibatches(
+    data: torch.Tensor | Binarizer, batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Shuffled minibatches of `data`, freshly binarised; the last partial batch is kept.
+
+    Grey-valued `data` is wrapped in a `Binarizer` for this one epoch; pass a `Binarizer` made
+    once to train for many epochs without paying for its preparation each time.
+    """
+    binarizer = data if isinstance(data, Binarizer) else Binarizer(data)
+    return binarizer.minibatches(batch_size, generator)

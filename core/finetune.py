@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.data import minibatches
+from core.data import Binarizer, minibatches
 from core.dbn import DBN
 from core.rbm import RBM, FastBernoulli, bernoulli
 from core.train import CDSettings, CDTrainer, EpochCallback
@@ -74,9 +74,9 @@ class UpDownDBN:
 
 
 def up_down_epoch(
-    model: UpDownDBN, data: torch.Tensor, settings: CDSettings, generator: torch.Generator
+    model: UpDownDBN, data: torch.Tensor | Binarizer, settings: CDSettings, generator: torch.Generator
 ) -> dict[str, float]:
-    """One epoch of up-down over grey-valued `data`; updates `model` in place.
+    """One epoch of up-down over grey-valued `data` (or its `Binarizer`); updates `model` in place.
 
     Wake and sleep states are drawn with the training sampler (`FastBernoulli`), like the CD chain.
     """
@@ -130,8 +130,9 @@ def fine_tune(
 ) -> UpDownDBN:
     """Untie a two-layer DBN and fine-tune it with up-down for `settings.epochs` epochs."""
     model = UpDownDBN.from_dbn(dbn)
+    images = Binarizer(data)  # made once: each epoch only redraws its uncertain pixels
     for epoch in range(1, settings.epochs + 1):
-        metrics = up_down_epoch(model, data, settings, generator)
+        metrics = up_down_epoch(model, images, settings, generator)
         if epoch_metrics is not None:
             metrics.update(epoch_metrics(model))
         if on_epoch is not None:

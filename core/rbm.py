@@ -142,7 +142,7 @@ class FastBernoulli:
     Why: on the CPU, `torch.rand` runs the Mersenne twister serially, one 32-bit draw per uniform,
     and a CD-1 step of 100 MNIST images needs ~170,000 uniforms: they cost more than its matmuls
     (`torch.bernoulli` is slower still). Here each 64-bit random word is cut into four 16-bit
-    integers s, and a whole block of them becomes float uniforms in three vectorised passes,
+    integers s, and a whole block of them becomes float uniforms in one vectorised pass,
 
         u = (s + 0.5) / 65536,   s uniform on {0, ..., 65535},
 
@@ -168,6 +168,7 @@ class FastBernoulli:
             seed = int(torch.randint(2**62, (), generator=generator))
             self._sfc64 = np.random.Generator(np.random.SFC64(seed))
         self._pool: torch.Tensor | None = None  # float32 uniforms
+        self._offset = torch.tensor(0.5 + 2.0**-17, device=generator.device)
         self._next = 0  # first unused uniform of the pool
 
     def __call__(self, p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,14 +190,16 @@ class FastBernoulli:
             self._pool = torch.empty(size, dtype=torch.float32, device=self.generator.device)
         words = self._pool.numel() // 4
         if self._sfc64 is not None:
-            bits = torch.from_numpy(self._sfc64.integers(-(2**63), 2**63, words, dtype=np.int64))
+            # raw 64-bit outputs: no range mapping to pay for (~20% faster than integers())
+            bits = torch.from_numpy(self._sfc64.bit_generator.random_raw(words).view(np.int64))
         else:
             # random_(-2**63, None) asks for the full 64-bit range: the default random_() on
             # int64 draws in [0, 2**63), whose always-zero top bit would bias every fourth int16
             bits = torch.empty(words, dtype=torch.int64, device=self._pool.device)
             bits.random_(-(2**63), None, generator=self.generator)
         signed = bits.view(torch.int16)  # s - 32768, uniform on {-32768, ..., 32767}
-        self._pool.copy_(signed).add_(32768.5).mul_(2.0**-16)  # exact in float32
+        # u = (s + 0.5) / 65536 = 0.5 + 2^-17 + (s - 32768) / 65536, in one pass; exact in float32
+        torch.add(self._offset, signed, alpha=2.0**-16, out=self._pool)
         self._next = 0
 
 

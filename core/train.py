@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.data import minibatches
+from core.data import Binarizer
 from core.rbm import RBM, FastBernoulli
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -91,6 +91,7 @@ class CDTrainer:
     last_negative: torch.Tensor | None = None  # vk of the last step (up-down's sleep pass starts there)
     _work: _Workspace | None = field(default=None, repr=False)
     _sample: FastBernoulli | None = field(default=None, repr=False)  # the chain's sampler
+    _data: Binarizer | None = field(default=None, repr=False)  # the training data, kept across epochs
 
     def step(self, v0: torch.Tensor) -> float:
         """One CD-k / PCD-k update from a binary minibatch; returns its reconstruction error.
@@ -159,15 +160,20 @@ class CDTrainer:
         rbm.b.add_(grad_b, alpha=scale)
         return recon_error
 
-    def epoch(self, data: torch.Tensor, encode: Encoder | None = None) -> dict[str, float]:
+    def epoch(self, data: torch.Tensor | Binarizer, encode: Encoder | None = None) -> dict[str, float]:
         """One pass over grey-valued `data` in shuffled, freshly binarised minibatches.
 
         `encode` maps each binary minibatch to this RBM's visible states (a DBN's upper layer
-        trains on samples of the layer below's hidden units).
+        trains on samples of the layer below's hidden units). The `Binarizer` made for grey
+        `data` is kept for the next epoch over the same tensor.
         """
         start = time.perf_counter()
+        if isinstance(data, Binarizer):
+            self._data = data
+        elif self._data is None or self._data.grey is not data:
+            self._data = Binarizer(data)
         errors = []  # 0-dim tensors, summed once at the end: no per-step host sync (CUDA)
-        for v0 in minibatches(data, self.settings.batch_size, self.generator):
+        for v0 in self._data.minibatches(self.settings.batch_size, self.generator):
             errors.append(self.update(v0 if encode is None else encode(v0)))
         batches = len(errors)
         total = float(torch.stack(errors).sum()) if errors else 0.0

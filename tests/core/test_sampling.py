@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core.data import minibatches
+from core.data import Binarizer, minibatches
 from core.rbm import RBM, FastBernoulli, bernoulli
 from core.train import CDSettings, CDTrainer, train_rbm
 
@@ -108,6 +108,59 @@ def test_minibatches_cover_every_row_once_and_keep_the_last_partial_batch():
     seen = (torch.cat(batches) * (1 << torch.arange(bits))).sum(dim=1).long()
     assert torch.equal(seen.sort().values, ids)
     assert not torch.equal(seen, ids)  # shuffled
+
+
+def test_binarizer_redraws_every_uncertain_pixel_each_epoch_and_keeps_the_certain_ones():
+    """Each epoch is a fresh bernoulli(x): right frequencies, exact 0 and 1, new draws every epoch."""
+    grey = torch.tensor(PROBABILITIES)[None, :].expand(40, -1).contiguous()  # one row per image
+    images = Binarizer(grey)
+    g = torch.Generator().manual_seed(0)
+    epochs = 2_000
+    counts = torch.zeros_like(grey)
+    previous = None
+    changed = 0
+    for _ in range(epochs):
+        epoch = torch.cat(list(images.minibatches(7, g)))  # shuffled rows, all rows alike here
+        assert epoch.shape == grey.shape
+        counts += epoch
+        if previous is not None:
+            changed += int((epoch[:, 3] != previous[:, 3]).sum())  # p = 0.5: flips half the time
+        previous = epoch
+    n = epochs * grey.shape[0]
+    for column, prob in enumerate(PROBABILITIES):
+        assert_binomial(counts[:, column].sum().item(), n, prob, bias=2.0**-17)
+    assert counts[:, 0].sum() == 0 and counts[:, -1].sum() == n  # certain pixels are never redrawn wrong
+    assert_binomial(changed, (epochs - 1) * grey.shape[0], 0.5)  # independent of the epoch before
+
+
+def test_binarizer_minibatches_are_the_shuffled_images_and_reproducible():
+    grey = torch.rand(230, 784, generator=torch.Generator().manual_seed(1))
+    grey[grey < 0.3] = 0.0  # certain pixels as MNIST has them: background 0, stroke cores 1
+    grey[grey > 0.9] = 1.0
+
+    def epoch(seed: int) -> list[torch.Tensor]:
+        return list(Binarizer(grey).minibatches(100, torch.Generator().manual_seed(seed)))
+
+    batches = epoch(3)
+    assert [len(b) for b in batches] == [100, 100, 30]
+    binary = torch.cat(batches)
+    order = torch.randperm(230, generator=torch.Generator().manual_seed(3))  # the same shuffle
+    assert torch.equal(binary[grey[order] == 0.0], torch.zeros(int((grey == 0).sum())))
+    assert torch.equal(binary[grey[order] == 1.0], torch.ones(int((grey == 1).sum())))
+    assert all(torch.equal(a, b) for a, b in zip(batches, epoch(3), strict=True))
+    assert not torch.equal(binary, torch.cat(epoch(4)))
+
+
+def test_trainer_keeps_the_binarizer_of_the_same_data_and_makes_a_new_one_for_other_data():
+    g = torch.Generator().manual_seed(0)
+    trainer = CDTrainer(RBM.init(784, 8, g), CDSettings(batch_size=50), g)
+    data, other = torch.rand(100, 784, generator=g), torch.rand(60, 784, generator=g)
+    trainer.epoch(data)
+    first = trainer._data
+    trainer.epoch(data)
+    assert trainer._data is first
+    trainer.epoch(other)
+    assert trainer._data is not first and trainer._data.grey is other
 
 
 class Threshold:
