@@ -1,12 +1,13 @@
 """How fast is our CD training, against scikit-learn, a plain torch loop and the machine's sgemm?
 
-    python -m core.bench [--repeats 3] [--data-dir ROOT] [--quick]
+    python -m core.bench [--repeats 5] [--data-dir ROOT] [--quick]
 
 Everything is measured in one run, on the same data (all 60,000 MNIST training images as one
 float32 tensor of grey values), with torch's default thread count, after a warm-up pass of every
-contender. Each figure is the median over `--repeats` rounds; within a round the contenders and the
-sgemm reference take turns, so a slow spell of a shared machine hits them alike (the last line
-says how busy the rest of the machine was). `--quick` times 10,000 images per epoch (the seconds
+contender. Within a round the contenders and the sgemm reference take turns, so a slow spell of a
+shared machine hits them alike; times are medians over `--repeats` rounds, and ratios ("vs ours",
+"of sgemm") are medians of the ratios taken within each round, which drift much less than the
+times (the last line says how busy the rest of the machine was). `--quick` times 10,000 images per epoch (the seconds
 shown are scaled to 60,000) and shorter CD-25 runs.
 
 Useful flops. Only the matrix products the algorithm needs are counted, 2*N*V*H flops each for a
@@ -203,7 +204,7 @@ class OtherLoad:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; medians are shown")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure; medians are shown")
     parser.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (default: $MNIST_ROOT)")
     parser.add_argument("--quick", action="store_true", help="10,000 images per epoch, shorter CD-25 runs")
     args = parser.parse_args(argv)
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     x_epoch_binarizer = Binarizer(x_epoch)
     prepare_s = time.perf_counter() - start
-    cd1 = {"ours (core.train, CD-1)": ours(1, 100), "plain torch loop (CD-1)": plain_torch()}
+    ours_name = "ours (core.train, CD-1)"
+    cd1 = {ours_name: ours(1, 100), "plain torch loop (CD-1)": plain_torch()}
     sk = sklearn_rbm()
     if sk is not None:
         cd1["scikit-learn BernoulliRBM (PCD-1)"] = sk
@@ -245,16 +247,25 @@ def main(argv: list[str] | None = None) -> int:
     with OtherLoad() as load:
         for _ in range(args.repeats):
             for name, epoch in cd1.items():
-                data = x_epoch_binarizer if epoch is cd1["ours (core.train, CD-1)"] else x_epoch
+                data = x_epoch_binarizer if name == ours_name else x_epoch
                 times[name].append(seconds_of(epoch, data) * N_IMAGES / n_epoch)  # per 60,000 images
             times["cd25"].append(seconds_of(cd25, x_cd25) / (n_cd25 / BATCH))  # per minibatch
             for g in [*gemms[1], *gemms[25]]:
                 times[g.label].append(gemm_seconds(g))
     med = {name: statistics.median(t) for name, t in times.items()}
     rate = {k: sgemm_rate(gs, med) for k, gs in gemms.items()}
+    rounds = range(args.repeats)
+
+    def paired(value: Callable[[int], float]) -> float:
+        """Median over rounds of a figure made within one round: on a machine whose speed drifts
+        from minute to minute, a ratio of two timings taken back to back is steadier than either."""
+        return statistics.median(value(r) for r in rounds)
+
+    def rate_in(k: int, r: int) -> float:
+        return sgemm_rate(gemms[k], {g.label: times[g.label][r] for g in gemms[k]})
 
     steps = N_IMAGES / BATCH
-    ours_s = med["ours (core.train, CD-1)"]
+    vs_ours = {name: paired(lambda r, name=name: times[name][r] / times[ours_name][r]) for name in cd1}
     print()
     print(f"CD-1 784-100, batch 100, lr 0.1, one epoch over {N_IMAGES:,} MNIST images"
           + (f" (timed on {n_epoch:,}, scaled)" if n_epoch != N_IMAGES else ""))
@@ -262,20 +273,22 @@ def main(argv: list[str] | None = None) -> int:
     for name in cd1:
         s, spread = med[name], f"{min(times[name]):.2f}-{max(times[name]):.2f}"
         useful = cd_flops(1, 100) * steps / s / 1e9
-        print(f"{name:36s} {s:8.3f} {spread:>13s} {s / ours_s:7.2f}x {useful:8.1f} {useful / rate[1]:9.0%}")
+        of_sgemm = paired(lambda r, name=name: cd_flops(1, 100) * steps / times[name][r] / 1e9 / rate_in(1, r))
+        print(f"{name:36s} {s:8.3f} {spread:>13s} {vs_ours[name]:7.2f}x {useful:8.1f} {of_sgemm:9.0%}")
     if sk is None:
         print("scikit-learn BernoulliRBM: not installed (pip install scikit-learn)")
-    ratios = [f"{med[name] / ours_s:.2f}x faster than {name.split(' (')[0]}" for name in cd1 if med[name] != ours_s]
-    print("ours is " + ", ".join(ratios))
+    ratios = [f"{vs_ours[name]:.2f}x faster than {name.split(' (')[0]}" for name in cd1 if name != ours_name]
+    print("ours is " + ", ".join(ratios) + " (medians of the ratios within each round)")
     print(f"ours, once per training run: {prepare_s:.2f} s to prepare the {n_epoch:,} images' binary copy")
 
     step25 = med["cd25"]
     useful25 = cd_flops(25, 500) / step25 / 1e9
+    of_sgemm25 = paired(lambda r: cd_flops(25, 500) / times["cd25"][r] / 1e9 / rate_in(25, r))
     print()
     print(f"CD-25 784-500, batch 100 (ours, timed on {n_cd25:,} images)")
     print(f"{'':36s} {'s/batch':>8s} {'s/epoch':>13s} {'':>8s} {'GFLOP/s':>8s} {'of sgemm':>9s}")
     print(f"{'ours (core.train, CD-25)':36s} {step25:8.4f} {step25 * steps:13.1f} {'':>8s} {useful25:8.1f} "
-          f"{useful25 / rate[25]:9.0%}")
+          f"{of_sgemm25:9.0%}")
 
     print()
     print(f"sgemm reference, torch.mm on the CD step's shapes ({torch.get_num_threads()} threads)")
