@@ -7,8 +7,8 @@ float32 tensor of grey values), with torch's default thread count, after a warm-
 contender. Within a round the contenders and the sgemm reference take turns, so a slow spell of a
 shared machine hits them alike; times are medians over `--repeats` rounds, and ratios ("vs ours",
 "of sgemm") are medians of the ratios taken within each round, which drift much less than the
-times (the last line says how busy the rest of the machine was). `--quick` times 10,000 images per epoch (the seconds
-shown are scaled to 60,000) and shorter CD-25 runs.
+times (the last line says how busy the rest of the machine was). `--quick` times 10,000 images
+per epoch (the seconds shown are scaled to 60,000) and shorter CD-25 runs.
 
 Useful flops. Only the matrix products the algorithm needs are counted, 2*N*V*H flops each for a
 minibatch of N rows, V visible and H hidden units. CD-k (non-persistent) needs 2k + 3 of them:

@@ -3,7 +3,8 @@
 Training never goes through a per-image Dataset or PIL: the images are one [N, 784] float tensor
 of grey values in [0, 1] on the chosen device; minibatches are index slices of a binary copy that
 is sampled afresh (v = bernoulli(x)) every epoch, so an image is new each time it is used.
-Evaluation sets are binarised once, with a fixed seed, so every model is scored on the same binary vectors.
+Evaluation sets are binarised once, with a fixed seed, so every model is scored on the same
+binary vectors.
 """
 
 from __future__ import annotations
@@ -154,8 +155,8 @@ class Binarizer:
     strictly between 0 and 1 (18% of MNIST's), in one vectorised pass: 5x fewer random numbers
     than sampling every minibatch whole. Same distribution, same independence between epochs.
 
-    Making one costs a few passes over the data (~0.4 s for 50,000 MNIST images on a 2-core CPU)
-    and memory for the binary copy and the uncertain pixels' indices (~1.6x the grey data): make
+    Making one costs a few passes over the data (~0.3 s for 60,000 MNIST images on a 2-core CPU)
+    and memory for the binary copy and the uncertain pixels' indices (~1.5x the grey data): make
     one per training run, not per epoch. Samples come from `FastBernoulli` (bias <= 2^-17 per
     pixel); evaluation sets use `binarize_once`.
     """
