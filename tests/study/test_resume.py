@@ -31,7 +31,11 @@ from tests.study.conftest import (
 def test_sigkill_then_resume_finishes_exactly_num_samples(tmp_path):
     config = write_config(
         tmp_path,
+        # Fine-tuning keeps each trial running for a few seconds after its first epoch rows: with
+        # the tiny defaults a trial was mid-way for well under a second, and the poll could miss it.
+        data={"subset": 4000, "val_size": 1000},
         rbm={"hidden_size": 25, "epochs": 3},
+        finetune={"epochs": 40},
         search={"num_samples": 4, "max_concurrent": 2, "seed": 1,
                 "space": {"rbm.cd_k": [1, 2], "rbm.learning_rate": {"type": "float", "low": 0.02, "high": 0.1,
                                                                      "log": True}}},
