@@ -35,6 +35,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -44,6 +45,7 @@ from core.rbm import RBM
 from core.train import CDSettings, CDTrainer
 
 N_IMAGES = 60_000
+Data = TypeVar("Data")  # what a contender's epoch takes: grey images, or our Binarizer of them
 V, BATCH = 784, 100
 
 
@@ -62,7 +64,7 @@ def settle() -> None:
     time.sleep(0.5)
 
 
-def seconds_of(epoch: Callable[[torch.Tensor], object], data: torch.Tensor | Binarizer) -> float:
+def seconds_of(epoch: Callable[[Data], object], data: Data) -> float:
     settle()
     start = time.perf_counter()
     epoch(data)
@@ -70,7 +72,7 @@ def seconds_of(epoch: Callable[[torch.Tensor], object], data: torch.Tensor | Bin
 
 
 # --- contenders -------------------------------------------------------------------------------
-def ours(k: int, hidden: int, seed: int = 0) -> Callable[[torch.Tensor], object]:
+def ours(k: int, hidden: int, seed: int = 0) -> Callable[[torch.Tensor | Binarizer], object]:
     """One epoch of core.train's CD-k over the given rows (the model keeps training across calls)."""
     g = torch.Generator().manual_seed(seed)
     trainer = CDTrainer(RBM.init(V, hidden, g), CDSettings(cd_k=k, learning_rate=0.1, batch_size=BATCH), g)
