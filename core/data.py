@@ -156,15 +156,17 @@ class Binarizer:
     than sampling every minibatch whole. Same distribution, same independence between epochs.
 
     Making one costs a few passes over the data (~0.3 s for 60,000 MNIST images on a 2-core CPU)
-    and memory for the binary copy and the uncertain pixels' indices (~1.5x the grey data): make
-    one per training run, not per epoch. Samples come from `FastBernoulli` (bias <= 2^-17 per
-    pixel); evaluation sets use `binarize_once`.
+    and memory for the binary copy (a byte a pixel) and the uncertain pixels' indices and
+    probabilities (~0.8x the grey data): make one per training run, not per epoch. Samples come
+    from `FastBernoulli` (bias <= 2^-17 per pixel); evaluation sets use `binarize_once`.
     """
 
     def __init__(self, grey: torch.Tensor):
         self.grey = grey
         flat = grey.reshape(-1)
-        self.binary = (grey >= 1).to(grey.dtype)  # the certain ones; x = 0 stays 0
+        # bytes, not floats: each minibatch's rows come from all over the copy (mostly from memory,
+        # not cache), and reading a quarter of the bytes made CD-1 epochs ~6% faster
+        self.binary = (grey >= 1).to(torch.uint8)  # the certain ones; x = 0 stays 0
         self.uncertain = torch.nonzero((flat > 0) & (flat < 1)).squeeze(1)  # flat indices
         self.p = flat[self.uncertain]
 
@@ -176,14 +178,16 @@ class Binarizer:
         order = torch.randperm(len(self), generator=generator, device=generator.device)
         self._redraw(FastBernoulli(generator))
         for rows in order.to(self.binary.device).split(batch_size):
-            yield self.binary.index_select(0, rows)  # index_select: ~3x cheaper than x[rows] here
+            # index_select: ~3x cheaper than x[rows] here
+            yield self.binary.index_select(0, rows).to(self.grey.dtype)
 
     def _redraw(self, sample: FastBernoulli, chunk: int = 1 << 20) -> None:
-        # in chunks, so the sampler's pool stays small; index_copy_ is ~2x faster than index_put_ here
+        # in chunks, so the sampler's buffers stay small; index_copy_ is ~2x faster than index_put_ here
         binary = self.binary.view(-1)
         for start in range(0, self.uncertain.numel(), chunk):
             where = self.uncertain[start : start + chunk]
-            binary.index_copy_(0, where, sample(self.p[start : start + chunk]))
+            p = self.p[start : start + chunk]
+            binary.index_copy_(0, where, sample(p, out=torch.empty(p.shape, dtype=torch.uint8, device=p.device)))
 
 
 def minibatches(

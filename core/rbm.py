@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core import kernels
+
 
 class RBM:
     """Parameters of a Bernoulli RBM plus the operations every algorithm here is built from."""
@@ -137,18 +139,20 @@ def bernoulli(p: torch.Tensor, generator: torch.Generator | None = None) -> torc
 
 
 class FastBernoulli:
-    """Bernoulli samples for training, from a pool of 16-bit uniforms made in large blocks.
+    """Bernoulli samples for training, from 16-bit uniforms: four to a 64-bit random word.
 
     Why: on the CPU, `torch.rand` runs the Mersenne twister serially, one 32-bit draw per uniform,
-    and a CD-1 step of 100 MNIST images needs ~170,000 uniforms: they cost more than its matmuls
-    (`torch.bernoulli` is slower still). Here each 64-bit random word is cut into four 16-bit
-    integers s, and a whole block of them becomes float uniforms in one vectorised pass,
+    and a CD-1 step of 100 MNIST images needs ~90,000 samples: with it they cost more than the
+    step's matmuls (`torch.bernoulli` is slower still). Here each 64-bit random word is cut into
+    four 16-bit integers s, each standing for the uniform
 
         u = (s + 0.5) / 65536,   s uniform on {0, ..., 65535},
 
-    so that a sample is a single comparison `u < p` (no per-sample RNG call, cast or allocation).
-    On the CPU the words come from numpy's SFC64, about twice as fast as torch's Mersenne twister,
-    seeded with one draw from `generator`; on other devices from `generator` itself.
+    and a sample is the comparison u < p. On the CPU the words come from 64 SFC64 generators (numpy's
+    algorithm and seeding, stepped side by side), seeded from one draw of `generator`, and one
+    compiled loop makes the words and compares (`core.kernels`; ~4x faster than numpy's SFC64 and a
+    torch comparison). On other devices the words come from `generator` itself, into a pool of
+    float uniforms made in large blocks, and the comparison is torch's.
 
     Precision: P(u < p) is p rounded to a multiple of 2^-16 (to the nearest, ties aside), so the
     bias is at most 2^-17 per unit; p < 2^-17 never fires and p > 1 - 2^-17 always does, p = 0
@@ -156,25 +160,31 @@ class FastBernoulli:
     exact: evaluation code uses `bernoulli` (24-bit uniforms from `torch.rand`).
 
     Reproducibility: everything follows from `generator`'s state when the sampler is made, in a
-    fixed order, so the same seed gives the same samples. A block's leftover uniforms are never
-    reused: each sample takes fresh ones.
+    fixed order, so the same seed gives the same samples. Random bits are never reused: each sample
+    takes fresh ones (a call's leftover bits, and a block's leftover uniforms, are dropped).
     """
 
     def __init__(self, generator: torch.Generator, block: int = 1 << 18):
         self.generator = generator
-        self.block = block  # uniforms per refill: ~1.5 CD-1 steps of 100 MNIST images
-        self._sfc64: np.random.Generator | None = None
+        self.block = block  # uniforms per refill of the pool (devices other than the CPU)
+        self._lanes: np.ndarray | None = None  # CPU: the SFC64 generators' states
+        self._scratch = np.empty((0, kernels.LANES), dtype=np.uint64)  # CPU: their latest words
         if generator.device.type == "cpu":
-            seed = int(torch.randint(2**62, (), generator=generator))
-            self._sfc64 = np.random.Generator(np.random.SFC64(seed))
+            self._lanes = kernels.sfc64_lanes(int(torch.randint(2**62, (), generator=generator)))
         self._pool: torch.Tensor | None = None  # float32 uniforms
         self._offset = torch.tensor(0.5 + 2.0**-17, device=generator.device)
         self._next = 0  # first unused uniform of the pool
 
     def __call__(self, p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Binary samples with P(1) = p (to 2^-17), in p's shape and dtype (or into `out`)."""
+        out = torch.empty_like(p, memory_format=torch.contiguous_format) if out is None else out
+        if self._lanes is not None:
+            if self._scratch.shape[0] < kernels.words_needed(p.numel()):
+                self._scratch = np.empty((kernels.words_needed(p.numel()), kernels.LANES), dtype=np.uint64)
+            kernels.bernoulli(kernels.flat(p.contiguous()), self._lanes, self._scratch, kernels.flat(out))
+            return out
         u = self._uniforms(p.numel()).view(p.shape)
-        return torch.lt(u, p, out=torch.empty_like(p) if out is None else out)  # 0./1. as floats
+        return torch.lt(u, p, out=out)  # 0./1. as floats
 
     def _uniforms(self, n: int) -> torch.Tensor:
         """n fresh uniforms: a view into the pool, valid until the next call."""
@@ -189,14 +199,10 @@ class FastBernoulli:
             size = max(self.block, -(-n // 4) * 4)  # four 16-bit uniforms per 64-bit word
             self._pool = torch.empty(size, dtype=torch.float32, device=self.generator.device)
         words = self._pool.numel() // 4
-        if self._sfc64 is not None:
-            # raw 64-bit outputs: no range mapping to pay for (~20% faster than integers())
-            bits = torch.from_numpy(self._sfc64.bit_generator.random_raw(words).view(np.int64))
-        else:
-            # random_(-2**63, None) asks for the full 64-bit range: the default random_() on
-            # int64 draws in [0, 2**63), whose always-zero top bit would bias every fourth int16
-            bits = torch.empty(words, dtype=torch.int64, device=self._pool.device)
-            bits.random_(-(2**63), None, generator=self.generator)
+        # random_(-2**63, None) asks for the full 64-bit range: the default random_() on int64
+        # draws in [0, 2**63), whose always-zero top bit would bias every fourth int16
+        bits = torch.empty(words, dtype=torch.int64, device=self._pool.device)
+        bits.random_(-(2**63), None, generator=self.generator)
         signed = bits.view(torch.int16)  # s - 32768, uniform on {-32768, ..., 32767}
         # u = (s + 0.5) / 65536 = 0.5 + 2^-17 + (s - 32768) / 65536, in one pass; exact in float32
         torch.add(self._offset, signed, alpha=2.0**-16, out=self._pool)

@@ -14,7 +14,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def fast_sampler(seed: int, device: str = "cpu", numpy_bits: bool = True) -> FastBernoulli:
     sampler = FastBernoulli(torch.Generator(device=device).manual_seed(seed))
     if not numpy_bits:
-        sampler._sfc64 = None  # the torch random_ path that non-CPU devices take, tested on the CPU
+        sampler._lanes = None  # the torch random_ path that non-CPU devices take, tested on the CPU
     return sampler
 
 

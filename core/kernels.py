@@ -1,0 +1,86 @@
+"""Bernoulli sampling on the CPU in one compiled loop (numba): random bits, comparison, sample.
+
+Why: after its five matrix products, the largest cost of a CD-1 step of 100 MNIST images on a CPU
+is drawing its ~90,000 Bernoulli samples. numpy's SFC64 makes one 64-bit word at a time
+(~1.7 ns a word here), and in torch turning the bits into uniforms and comparing them with p are
+two more passes through memory. Here 64 SFC64 generators step side by side, so the compiler puts
+them in vector registers (~0.5 ns a word), and one loop turns bits and p into samples: one CD-1
+epoch takes ~10% less time (old and new sampler taking turns in one process, 10 rounds). numba compiles these functions
+for the machine at first use and caches the result next to this file (in the user's cache where
+that is read-only). Tensors on other devices take torch's ops instead (`core.rbm.FastBernoulli`).
+
+The functions take flat numpy views of contiguous CPU tensors (`flat`) and allocate nothing.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+# u = (s + 0.5) / 65536 for a 16-bit integer s: exact in float32 (17 significant bits)
+_HALF = np.float32(0.5)
+_TWO_TO_MINUS_16 = np.float32(2.0**-16)
+_ONE, _ZERO = np.float32(1.0), np.float32(0.0)
+
+
+def flat(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a contiguous CPU tensor: writes through it land in the tensor."""
+    if not t.is_contiguous():
+        raise ValueError("the fused CPU kernels need contiguous tensors")
+    return t.detach().numpy().reshape(-1)
+
+
+LANES = 64
+"""Independent SFC64 generators stepped side by side: the loop over them runs in vector registers."""
+
+
+def sfc64_lanes(seed: int) -> np.ndarray:
+    """The [4, LANES] uint64 state (a, b, c, counter) of LANES SFC64 generators.
+
+    Each lane is seeded exactly as numpy seeds `np.random.SFC64(child)` for the children of
+    `SeedSequence(seed).spawn(LANES)`, numpy's recipe for independent parallel streams; a lane's
+    outputs are that generator's `random_raw()` stream, word for word (the tests check this).
+    """
+    children = np.random.SeedSequence(seed).spawn(LANES)
+    return np.array([np.random.SFC64(child).state["state"]["state"] for child in children], dtype=np.uint64).T.copy()
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def sfc64_fill(state: np.ndarray, out: np.ndarray) -> None:
+    """out[k, lane] = the k-th next 64-bit output of each lane's SFC64; `state` moves on.
+
+    SFC64 (Chris Doty-Humphrey's Small Fast Chaotic PRNG), as in numpy's sfc64.h:
+    tmp = a + b + counter++;  a = b ^ (b >> 11);  b = c + (c << 3);  c = rotl(c, 24) + tmp.
+    """
+    a, b, c, counter = state[0], state[1], state[2], state[3]
+    for k in range(out.shape[0]):
+        for lane in range(a.shape[0]):
+            tmp = a[lane] + b[lane] + counter[lane]
+            counter[lane] += np.uint64(1)
+            a[lane] = b[lane] ^ (b[lane] >> np.uint64(11))
+            old_c = c[lane]
+            b[lane] = old_c + (old_c << np.uint64(3))
+            c[lane] = ((old_c << np.uint64(24)) | (old_c >> np.uint64(40))) + tmp
+            out[k, lane] = tmp
+
+
+def words_needed(n: int) -> int:
+    """Rows of `sfc64_fill` output that `bernoulli` needs for n samples (four per 64-bit word)."""
+    return -(-n // (4 * LANES))
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def bernoulli(p: np.ndarray, state: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = 1 if u_i < p[i] else 0, u_i = (s_i + 0.5) / 65536 for fresh 16-bit integers s_i.
+
+    The s_i are the 16-bit quarters of `sfc64_fill` words written into `scratch` (at least
+    `words_needed(len(p))` rows); leftover quarters are dropped.
+    """
+    n = p.shape[0]
+    words = scratch[: -(-n // (4 * state.shape[1]))]
+    sfc64_fill(state, words)
+    bits = words.reshape(-1).view(np.uint16)
+    for i in range(n):
+        u = (np.float32(bits[i]) + _HALF) * _TWO_TO_MINUS_16
+        out[i] = _ONE if u < p[i] else _ZERO

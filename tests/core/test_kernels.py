@@ -1,0 +1,47 @@
+"""The compiled CPU loops against independent references: numpy's SFC64, numpy arithmetic, torch."""
+
+import numpy as np
+import pytest
+import torch
+
+from core import kernels
+
+
+def test_every_lane_is_numpys_sfc64_word_for_word():
+    """Lane l's outputs are numpy's SFC64 seeded with child l of SeedSequence(seed), across calls."""
+    seed = 12345
+    state = kernels.sfc64_lanes(seed)
+    first = np.empty((37, kernels.LANES), dtype=np.uint64)
+    second = np.empty((5, kernels.LANES), dtype=np.uint64)
+    kernels.sfc64_fill(state, first)
+    kernels.sfc64_fill(state, second)  # the state moved on: the streams continue
+    ours = np.concatenate([first, second])
+    children = np.random.SeedSequence(seed).spawn(kernels.LANES)
+    for lane, child in enumerate(children):
+        np.testing.assert_array_equal(ours[:, lane], np.random.SFC64(child).random_raw(42))
+    assert len(np.unique(ours)) == ours.size  # 64-bit words: a repeat would mean shared streams
+
+
+def test_bernoulli_compares_each_16_bit_quarter_with_p():
+    """out[i] = (s_i + 0.5) / 65536 < p[i], the s_i read from the words in order, in numpy."""
+    n = 1000  # not a multiple of 4 * LANES: the last word's leftover quarters are dropped
+    p = np.random.default_rng(0).random(n, dtype=np.float32)
+    state = kernels.sfc64_lanes(7)
+    reference_state = state.copy()
+    scratch = np.empty((kernels.words_needed(n) + 2, kernels.LANES), dtype=np.uint64)  # roomier is fine
+    out = np.full(n, 7.0, dtype=np.float32)
+    kernels.bernoulli(p, state, scratch, out)
+
+    words = np.empty((kernels.words_needed(n), kernels.LANES), dtype=np.uint64)
+    kernels.sfc64_fill(reference_state, words)
+    s = words.reshape(-1).view(np.uint16)[:n].astype(np.float64)
+    np.testing.assert_array_equal(out, ((s + 0.5) / 65536 < p).astype(np.float32))
+    np.testing.assert_array_equal(state, reference_state)  # it took exactly the words it needed
+
+
+def test_flat_is_a_writable_view_and_refuses_strided_tensors():
+    t = torch.zeros(3, 4)
+    kernels.flat(t)[5] = 1.0
+    assert t[1, 1] == 1.0
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.flat(t.T)
