@@ -71,16 +71,45 @@ def words_needed(n: int) -> int:
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
+def _fresh_bits(n: int, state: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """n fresh 16-bit integers: the quarters of new words written into `scratch`."""
+    words = scratch[: -(-n // (4 * state.shape[1]))]
+    sfc64_fill(state, words)
+    return words.reshape(-1).view(np.uint16)
+
+
+@numba.njit(cache=True, nogil=True)
+def _uniform(s: np.uint16) -> np.float32:
+    """u = (s + 0.5) / 65536."""
+    return (np.float32(s) + _HALF) * _TWO_TO_MINUS_16
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
 def bernoulli(p: np.ndarray, state: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> None:
     """out[i] = 1 if u_i < p[i] else 0, u_i = (s_i + 0.5) / 65536 for fresh 16-bit integers s_i.
 
     The s_i are the 16-bit quarters of `sfc64_fill` words written into `scratch` (at least
     `words_needed(len(p))` rows); leftover quarters are dropped.
     """
-    n = p.shape[0]
-    words = scratch[: -(-n // (4 * state.shape[1]))]
-    sfc64_fill(state, words)
-    bits = words.reshape(-1).view(np.uint16)
-    for i in range(n):
-        u = (np.float32(bits[i]) + _HALF) * _TWO_TO_MINUS_16
-        out[i] = _ONE if u < p[i] else _ZERO
+    bits = _fresh_bits(p.shape[0], state, scratch)
+    for i in range(p.shape[0]):
+        out[i] = _ONE if _uniform(bits[i]) < p[i] else _ZERO
+
+
+# reassoc lets the sum run in vector lanes; NaNs still propagate (no "nnan")
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc", "contract"})
+def bernoulli_and_squared_error(
+    p: np.ndarray, v: np.ndarray, state: np.ndarray, scratch: np.ndarray, out: np.ndarray
+) -> float:
+    """`bernoulli(p, ...)`, returning sum((p - v)^2) (in float64) from the same pass over p.
+
+    A CD step samples the chain from its reconstruction p(v|h0) and reports the reconstruction's
+    squared error against the data v: one read of p does both.
+    """
+    bits = _fresh_bits(p.shape[0], state, scratch)
+    total = 0.0
+    for i in range(p.shape[0]):
+        out[i] = _ONE if _uniform(bits[i]) < p[i] else _ZERO
+        d = p[i] - v[i]
+        total += d * d
+    return total

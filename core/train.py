@@ -115,19 +115,21 @@ class CDTrainer:
         sample, work = self._sample, self._work
 
         ph0 = _conditional(rbm.b, v0, rbm.W, out=work.ph0)
-        # p(v|h0) is the reconstruction and, in plain CD, also the first Gibbs step's p(v|h): once
-        pv = _conditional(rbm.a, sample(ph0, out=work.h), rbm.W.T, out=work.pv)
-        recon_error = torch.nn.functional.mse_loss(pv, v0, reduction="sum") / n
-        if s.persistent:  # the chain goes on from its last state instead
+        pv = _conditional(rbm.a, sample(ph0, out=work.h), rbm.W.T, out=work.pv)  # the reconstruction
+        # the chain's visible samples are new tensors: they outlive the step (last_negative, PCD chain)
+        if s.persistent:  # the chain goes on from its last state
+            recon_error = torch.nn.functional.mse_loss(pv, v0, reduction="sum") / n
             if self.chain is None or self.chain.shape != v0.shape:
                 self.chain = v0.clone()
             ph = _conditional(rbm.b, self.chain, rbm.W, out=work.phk)
-            pv = _conditional(rbm.a, sample(ph, out=work.h), rbm.W.T, out=work.pv)
+            vk = sample(_conditional(rbm.a, sample(ph, out=work.h), rbm.W.T, out=work.pv))
+        else:  # the reconstruction is also the first Gibbs step's p(v|h): one pass samples and scores it
+            vk, squared_error = sample.with_squared_error(pv, v0)
+            recon_error = squared_error / n
         for i in range(s.cd_k):
-            vk = sample(pv)  # a new tensor each step: it outlives the step (last_negative, PCD chain)
             phk = _conditional(rbm.b, vk, rbm.W, out=work.phk)
             if i + 1 < s.cd_k:  # the update uses phk, so a hidden sample after the last step is waste
-                pv = _conditional(rbm.a, sample(phk, out=work.h), rbm.W.T, out=work.pv)
+                vk = sample(_conditional(rbm.a, sample(phk, out=work.h), rbm.W.T, out=work.pv))
         self.last_negative = vk
         if s.persistent:
             self.chain = vk

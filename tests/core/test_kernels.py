@@ -39,6 +39,21 @@ def test_bernoulli_compares_each_16_bit_quarter_with_p():
     np.testing.assert_array_equal(state, reference_state)  # it took exactly the words it needed
 
 
+def test_bernoulli_and_squared_error_is_bernoulli_plus_the_error_and_keeps_nans():
+    g = np.random.default_rng(1)
+    p, v = g.random(5000, dtype=np.float32), (g.random(5000) < 0.3).astype(np.float32)
+    scratch = np.empty((kernels.words_needed(len(p)), kernels.LANES), dtype=np.uint64)
+    state, reference_state = kernels.sfc64_lanes(3), kernels.sfc64_lanes(3)
+    out, reference = np.empty_like(p), np.empty_like(p)
+    total = kernels.bernoulli_and_squared_error(p, v, state, scratch, out)
+    kernels.bernoulli(p, reference_state, scratch, reference)
+    np.testing.assert_array_equal(out, reference)
+    np.testing.assert_array_equal(state, reference_state)
+    assert total == pytest.approx(((p.astype(np.float64) - v) ** 2).sum(), rel=1e-9)
+    p[17] = np.nan  # a diverged model must not report a finite error
+    assert np.isnan(kernels.bernoulli_and_squared_error(p, v, state, scratch, out))
+
+
 def test_flat_is_a_writable_view_and_refuses_strided_tensors():
     t = torch.zeros(3, 4)
     kernels.flat(t)[5] = 1.0

@@ -86,6 +86,17 @@ def test_same_seed_same_samples_other_seed_other_samples():
         assert not torch.equal(one[0], other[0])
 
 
+@pytest.mark.parametrize("numpy_bits", [True, False])
+def test_sampling_with_squared_error_gives_the_same_samples_and_the_error(numpy_bits: bool):
+    """The CD step's fused call: the samples `__call__` would give from the same state, plus sum((p - v)^2)."""
+    g = torch.Generator().manual_seed(0)
+    p, v = torch.rand(100, 784, generator=g), (torch.rand(100, 784, generator=g) < 0.3).float()
+    samples, error = fast_sampler(9, numpy_bits=numpy_bits).with_squared_error(p, v)
+    assert torch.equal(samples, fast_sampler(9, numpy_bits=numpy_bits)(p))
+    assert error.dim() == 0 and error.dtype == p.dtype
+    assert error.item() == pytest.approx(((p.double() - v.double()) ** 2).sum().item(), rel=1e-6)
+
+
 def test_exact_bernoulli_is_rand_below_p():
     """The evaluation path: 24-bit uniforms from torch.rand, the same draws as before the fast path."""
     p = torch.rand(50, 784, generator=torch.Generator().manual_seed(0))
@@ -172,6 +183,9 @@ class Threshold:
     def __call__(self, p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         x = (p > 0.5).to(p.dtype)
         return x if out is None else out.copy_(x)
+
+    def with_squared_error(self, p: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(p), ((p - v) ** 2).sum()
 
 
 @pytest.mark.parametrize(("k", "persistent"), [(1, False), (3, False), (2, True)])
