@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from core.data import Binarizer
 from core.rbm import RBM, FastBernoulli, bernoulli, visible_bias_from_means
 from core.train import CDSettings, EpochCallback, train_rbm
 
@@ -80,7 +81,7 @@ class DBN:
 def train_dbn_layer(
     below: list[RBM],
     n_hidden: int,
-    data: torch.Tensor,
+    data: torch.Tensor | Binarizer,
     settings: CDSettings,
     generator: torch.Generator,
     on_epoch: EpochCallback | None = None,
@@ -89,9 +90,11 @@ def train_dbn_layer(
 ) -> RBM:
     """Greedily train one more RBM on samples of the top hidden layer of the frozen `below` stack.
 
+    `data` is the grey-valued images (or their `Binarizer`, to share one across the lab's tasks).
     Its visible bias starts at the base rate of the layer below's mean activity (Hinton's guide).
     The up pass that makes its data samples with the training sampler, like the CD chain.
     """
+    grey = data.grey if isinstance(data, Binarizer) else data
     sample = FastBernoulli(generator)
 
     def encode(v: torch.Tensor) -> torch.Tensor:
@@ -99,12 +102,12 @@ def train_dbn_layer(
             v = sample(layer.p_h(v))
         return v
 
-    means = mean_activity(below, data)
+    means = mean_activity(below, grey)
     rbm = RBM.init(
         below[-1].n_hidden,
         n_hidden,
         generator=generator,
-        device=data.device,
+        device=grey.device,
         weight_std=weight_std,
         visible_bias=visible_bias_from_means(means),
     )

@@ -122,15 +122,18 @@ def up_down_epoch(
 
 def fine_tune(
     dbn: DBN,
-    data: torch.Tensor,
+    data: torch.Tensor | Binarizer,
     settings: CDSettings,
     generator: torch.Generator,
     on_epoch: EpochCallback | None = None,
     epoch_metrics=None,
 ) -> UpDownDBN:
-    """Untie a two-layer DBN and fine-tune it with up-down for `settings.epochs` epochs."""
+    """Untie a two-layer DBN and fine-tune it with up-down for `settings.epochs` epochs.
+
+    `data` is the grey-valued images, or their `Binarizer` (to share one across the lab's tasks).
+    """
     model = UpDownDBN.from_dbn(dbn)
-    images = Binarizer(data)  # made once: each epoch only redraws its uncertain pixels
+    images = data if isinstance(data, Binarizer) else Binarizer(data)  # each epoch redraws only what is random
     for epoch in range(1, settings.epochs + 1):
         metrics = up_down_epoch(model, images, settings, generator)
         if epoch_metrics is not None:

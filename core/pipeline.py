@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core import evaluate, labfiles
-from core.data import MNIST, binarize_once, load_mnist
+from core.data import MNIST, Binarizer, binarize_once, load_mnist
 from core.dbn import DBN, mean_activity, train_dbn_layer
 from core.finetune import UpDownDBN, fine_tune
 from core.rbm import RBM, visible_bias_from_means
@@ -170,6 +170,8 @@ def run_lab(
             generator=generator,
         )
 
+    images = Binarizer(data.train)  # one binary copy for the three tasks' training epochs
+
     # --- task 1: the RBM ----------------------------------------------------------------------
     pixel_bias = visible_bias_from_means(data.train.mean(dim=0))
     if done < 1:
@@ -178,7 +180,7 @@ def run_lab(
             cd_k=r["cd_k"], persistent=r["persistent"], learning_rate=r["learning_rate"], epochs=r["epochs"],
             batch_size=r["batch_size"], momentum=r["momentum"], weight_decay=r["weight_decay"],
         )
-        train_rbm(rbm, data.train, rbm_settings, generator, _timed(report("rbm"), epoch_log["rbm"]),
+        train_rbm(rbm, images, rbm_settings, generator, _timed(report("rbm"), epoch_log["rbm"]),
                   epoch_metrics=lambda m: _rbm_epoch_metrics(m, sets, generator))
         metrics.update(_finite(_score_rbm(rbm, sets, ais(rbm, pixel_bias), generator)))
         checkpoint("rbm", rbm)
@@ -191,7 +193,7 @@ def run_lab(
         dbn_settings = CDSettings(
             cd_k=s["cd_k"], learning_rate=s["learning_rate"], epochs=s["epochs"], batch_size=r["batch_size"]
         )
-        top = train_dbn_layer([rbm], s["hidden_size"], data.train, dbn_settings, generator,
+        top = train_dbn_layer([rbm], s["hidden_size"], images, dbn_settings, generator,
                               _timed(report("dbn"), epoch_log["dbn"]))
         dbn = DBN([rbm.clone(), top])
         top_estimate = ais(dbn.top, h1_bias)
@@ -207,7 +209,7 @@ def run_lab(
             cd_k=f["cd_k"], learning_rate=f["learning_rate"], epochs=f["epochs"], batch_size=r["batch_size"]
         )
         finetuned = fine_tune(
-            dbn, data.train, ft_settings, generator, _timed(report("finetune"), epoch_log["finetune"])
+            dbn, images, ft_settings, generator, _timed(report("finetune"), epoch_log["finetune"])
         )
         ft_estimate = ais(finetuned.top, h1_bias)
         metrics.update(_finite(_score_dbn("finetune", finetuned, sets, ft_estimate, generator)))

@@ -58,7 +58,7 @@ class _Workspace:
     phk: torch.Tensor  # p(h|v) of the latest Gibbs step
     h: torch.Tensor  # the latest hidden sample
     pv: torch.Tensor  # p(v|h) of the latest Gibbs step
-    grad_weights: torch.Tensor  # dW
+    grad_weights: torch.Tensor | None = None  # dW, made on first use: only momentum needs it
 
     @classmethod
     def for_batch(cls, rbm: RBM, n: int) -> _Workspace:
@@ -66,10 +66,10 @@ class _Workspace:
             return torch.empty(*shape, dtype=rbm.W.dtype, device=rbm.W.device)
 
         H, V = rbm.n_hidden, rbm.n_visible
-        return cls(new(n, H), new(n, H), new(n, H), new(n, V), new(V, H))
+        return cls(new(n, H), new(n, H), new(n, H), new(n, V))
 
     def fits(self, rbm: RBM, n: int) -> bool:
-        return self.pv.shape == (n, rbm.n_visible) and self.grad_weights.shape == rbm.W.shape and (
+        return self.pv.shape == (n, rbm.n_visible) and self.ph0.shape == (n, rbm.n_hidden) and (
             self.pv.dtype == rbm.W.dtype and self.pv.device == rbm.W.device
         )
 
@@ -139,6 +139,8 @@ class CDTrainer:
         scale = s.learning_rate / n
         if s.momentum:
             # dW = v0' ph0 - vk' phk (times N) as two GEMMs into one buffer, no temporaries
+            if work.grad_weights is None:
+                work.grad_weights = torch.empty_like(rbm.W)
             grad_W = torch.mm(v0.T, ph0, out=work.grad_weights).addmm_(vk.T, phk, alpha=-1.0)
             if s.weight_decay:
                 grad_W.add_(rbm.W, alpha=-s.weight_decay * n)
@@ -186,14 +188,14 @@ class CDTrainer:
 
 def train_rbm(
     rbm: RBM,
-    data: torch.Tensor,
+    data: torch.Tensor | Binarizer,
     settings: CDSettings,
     generator: torch.Generator,
     on_epoch: EpochCallback | None = None,
     epoch_metrics: Callable[[RBM], dict[str, float]] | None = None,
     encode: Encoder | None = None,
 ) -> RBM:
-    """Train `rbm` in place on grey-valued `data` for `settings.epochs` epochs.
+    """Train `rbm` in place on grey-valued `data` (or its `Binarizer`) for `settings.epochs` epochs.
 
     `epoch_metrics(rbm)` adds validation metrics to what `on_epoch` receives; `encode` is
     passed to `CDTrainer.epoch`.
