@@ -4,10 +4,11 @@ Why: after its five matrix products, the largest cost of a CD-1 step of 100 MNIS
 is drawing its ~90,000 Bernoulli samples. numpy's SFC64 makes one 64-bit word at a time
 (~1.7 ns a word here), and in torch turning the bits into uniforms and comparing them with p are
 two more passes through memory. Here 64 SFC64 generators step side by side, so the compiler puts
-them in vector registers (~0.5 ns a word), and one loop turns bits and p into samples: one CD-1
-epoch takes ~10% less time (old and new sampler taking turns in one process, 10 rounds). numba compiles these functions
-for the machine at first use and caches the result next to this file (in the user's cache where
-that is read-only). Tensors on other devices take torch's ops instead (`core.rbm.FastBernoulli`).
+them in vector registers (~0.5 ns a word), and one loop turns bits and p into samples: a CD-1 epoch
+takes ~10% less time (the old and the new sampler taking turns in one process, 10 rounds). numba
+compiles these functions for the machine at first use and caches the result next to this file (in
+the user's cache where that is read-only). Tensors on other devices take torch's ops instead
+(`core.rbm.FastBernoulli`).
 
 The functions take flat numpy views of contiguous CPU tensors (`flat`) and allocate nothing.
 """
