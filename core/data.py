@@ -176,18 +176,10 @@ class Binarizer:
     def minibatches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
         """One epoch of shuffled binary minibatches; the last partial batch is kept."""
         order = torch.randperm(len(self), generator=generator, device=generator.device)
-        self._redraw(FastBernoulli(generator))
+        FastBernoulli(generator).scatter(self.p, self.uncertain, self.binary)  # this epoch's draw
         for rows in order.to(self.binary.device).split(batch_size):
             # index_select: ~3x cheaper than x[rows] here
             yield self.binary.index_select(0, rows).to(self.grey.dtype)
-
-    def _redraw(self, sample: FastBernoulli, chunk: int = 1 << 20) -> None:
-        # in chunks, so the sampler's buffers stay small; index_copy_ is ~2x faster than index_put_ here
-        binary = self.binary.view(-1)
-        for start in range(0, self.uncertain.numel(), chunk):
-            where = self.uncertain[start : start + chunk]
-            p = self.p[start : start + chunk]
-            binary.index_copy_(0, where, sample(p, out=torch.empty(p.shape, dtype=torch.uint8, device=p.device)))
 
 
 def minibatches(

@@ -97,6 +97,16 @@ def bernoulli(p: np.ndarray, state: np.ndarray, scratch: np.ndarray, out: np.nda
         out[i] = _ONE if _uniform(bits[i]) < p[i] else _ZERO
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def bernoulli_scatter(
+    p: np.ndarray, index: np.ndarray, state: np.ndarray, scratch: np.ndarray, out: np.ndarray
+) -> None:
+    """out[index[i]] = 1 if u_i < p[i] else 0: `bernoulli`, each sample written where it belongs."""
+    bits = _fresh_bits(p.shape[0], state, scratch)
+    for i in range(p.shape[0]):
+        out[index[i]] = 1 if _uniform(bits[i]) < p[i] else 0
+
+
 # reassoc lets the sum run in vector lanes; NaNs still propagate (no "nnan")
 @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc", "contract"})
 def bernoulli_and_squared_error(

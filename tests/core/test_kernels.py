@@ -39,6 +39,22 @@ def test_bernoulli_compares_each_16_bit_quarter_with_p():
     np.testing.assert_array_equal(state, reference_state)  # it took exactly the words it needed
 
 
+def test_bernoulli_scatter_writes_bernoullis_samples_at_the_index():
+    g = np.random.default_rng(2)
+    p = g.random(3000, dtype=np.float32)
+    index = g.permutation(10_000)[:3000]
+    scratch = np.empty((kernels.words_needed(len(p)), kernels.LANES), dtype=np.uint64)
+    state, reference_state = kernels.sfc64_lanes(4), kernels.sfc64_lanes(4)
+    out = np.full(10_000, 7, dtype=np.uint8)  # the training copy's dtype; untouched places keep their 7
+    kernels.bernoulli_scatter(p, index, state, scratch, out)
+    samples = np.empty_like(p)
+    kernels.bernoulli(p, reference_state, scratch, samples)
+    expected = np.full(10_000, 7, dtype=np.uint8)
+    expected[index] = samples
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(state, reference_state)
+
+
 def test_bernoulli_and_squared_error_is_bernoulli_plus_the_error_and_keeps_nans():
     g = np.random.default_rng(1)
     p, v = g.random(5000, dtype=np.float32), (g.random(5000) < 0.3).astype(np.float32)

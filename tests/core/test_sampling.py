@@ -97,6 +97,22 @@ def test_sampling_with_squared_error_gives_the_same_samples_and_the_error(numpy_
     assert error.item() == pytest.approx(((p.double() - v.double()) ** 2).sum().item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("numpy_bits", [True, False])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_scatter_writes_the_samples_call_makes_at_the_index(numpy_bits: bool, dtype: torch.dtype):
+    """The Binarizer's redraw: chunk by chunk, the same samples as `__call__` gives, where they belong."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(2500, generator=g)
+    index = torch.randperm(40 * 100, generator=g)[:2500]
+    out = torch.full((40, 100), 7, dtype=dtype)  # places not in index keep their 7
+    fast_sampler(11, numpy_bits=numpy_bits).scatter(p, index, out, chunk=1000)  # three chunks, one partial
+    reference = fast_sampler(11, numpy_bits=numpy_bits)
+    expected = torch.full((40 * 100,), 7, dtype=dtype)
+    for part in range(0, 2500, 1000):
+        expected[index[part : part + 1000]] = reference(p[part : part + 1000]).to(dtype)
+    assert torch.equal(out.view(-1), expected)
+
+
 def test_exact_bernoulli_is_rand_below_p():
     """The evaluation path: 24-bit uniforms from torch.rand, the same draws as before the fast path."""
     p = torch.rand(50, 784, generator=torch.Generator().manual_seed(0))
