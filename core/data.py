@@ -170,6 +170,11 @@ class Binarizer:
         self.uncertain = torch.nonzero((flat > 0) & (flat < 1)).squeeze(1)  # flat indices
         self.p = flat[self.uncertain]
 
+    @classmethod
+    def of(cls, data: torch.Tensor | Binarizer) -> Binarizer:
+        """`data` itself if it is a Binarizer already, else a new one of the grey images `data`."""
+        return data if isinstance(data, Binarizer) else cls(data)
+
     def __len__(self) -> int:
         return self.grey.shape[0]
 
@@ -190,5 +195,4 @@ def minibatches(
     Grey-valued `data` is wrapped in a `Binarizer` for this one epoch; pass a `Binarizer` made
     once to train for many epochs without paying for its preparation each time.
     """
-    binarizer = data if isinstance(data, Binarizer) else Binarizer(data)
-    return binarizer.minibatches(batch_size, generator)
+    return Binarizer.of(data).minibatches(batch_size, generator)

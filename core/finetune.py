@@ -133,7 +133,7 @@ def fine_tune(
     `data` is the grey-valued images, or their `Binarizer` (to share one across the lab's tasks).
     """
     model = UpDownDBN.from_dbn(dbn)
-    images = data if isinstance(data, Binarizer) else Binarizer(data)  # each epoch redraws only what is random
+    images = Binarizer.of(data)  # made once: each epoch redraws only its uncertain pixels
     for epoch in range(1, settings.epochs + 1):
         metrics = up_down_epoch(model, images, settings, generator)
         if epoch_metrics is not None:
