@@ -172,7 +172,6 @@ class FastBernoulli:
         if generator.device.type == "cpu":
             self._lanes = kernels.sfc64_lanes(int(torch.randint(2**62, (), generator=generator)))
         self._pool: torch.Tensor | None = None  # float32 uniforms
-        self._offset = torch.tensor(0.5 + 2.0**-17, device=generator.device)
         self._next = 0  # first unused uniform of the pool
 
     def __call__(self, p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -238,7 +237,8 @@ class FastBernoulli:
         bits.random_(-(2**63), None, generator=self.generator)
         signed = bits.view(torch.int16)  # s - 32768, uniform on {-32768, ..., 32767}
         # u = (s + 0.5) / 65536 = 0.5 + 2^-17 + (s - 32768) / 65536, in one pass; exact in float32
-        torch.add(self._offset, signed, alpha=2.0**-16, out=self._pool)
+        offset = torch.tensor(0.5 + 2.0**-17, device=self._pool.device)
+        torch.add(offset, signed, alpha=2.0**-16, out=self._pool)
         self._next = 0
 
 
