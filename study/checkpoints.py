@@ -13,7 +13,9 @@ filesystem:
   result above Ray's inline limit (100 KB) waits in the reporting node's object store until the
   driver fetches it; if that node dies in between, Tune's controller (ray 2.58) raises "Failed to
   retrieve object" and the whole study stops instead of retrying the trial. Put into the store on
-  the head node first, the bytes outlive the worker;
+  the head node first, the bytes outlive the worker. Blob names carry the sending trial's id, so
+  the driver drops what a trial sent but died before reporting (`forget_blobs`) when that trial
+  ends or is retried;
 - a driver starting (`launch` or `resume`) seeds the store from the database with the
   checkpoints of the study's `interrupted` trials.
 
@@ -75,6 +77,10 @@ def unpack(data: bytes) -> tuple[bytes, list[EpochRow]]:
 _BLOB_PREFIX = "rbm-study-blob:"
 
 
+def _blob_prefix(owner: str) -> str:
+    return f"{_BLOB_PREFIX}{owner}/"
+
+
 class CheckpointStore:
     """config key -> packed checkpoint, in memory (the database keeps the durable copy); and blobs
     in transit from trials to the driver, each taken once."""
@@ -88,6 +94,14 @@ class CheckpointStore:
 
     def take_blob(self, name: str) -> Any:
         return self._blobs.pop(name, None)
+
+    def drop_blobs(self, owner: str) -> int:
+        """Forget the blobs `owner` sent and nobody took (it died between sending and reporting);
+        returns how many there were."""
+        names = [name for name in self._blobs if name.startswith(_blob_prefix(owner))]
+        for name in names:
+            del self._blobs[name]
+        return len(names)
 
     def put(self, key: str, data: bytes) -> None:
         self._data[key] = data
@@ -154,14 +168,15 @@ def store_put(store: Any | None, key: str, data: bytes) -> None:
         log.warning("checkpoint store unreachable; the driver still gets the checkpoint: %s", err)
 
 
-def send_blob(store: Any | None, value: Any) -> Any:
+def send_blob(store: Any | None, value: Any, owner: str = "") -> Any:
     """What a trial reports in place of a large `value`: a short reference once the store holds it
-    (see the module docstring), or `value` itself without a reachable store."""
+    (see the module docstring), or `value` itself without a reachable store. `owner` (the trial's
+    id) lets the driver drop what a trial sent but never reported (`forget_blobs`)."""
     if store is None:
         return value
     import ray
 
-    name = _BLOB_PREFIX + uuid.uuid4().hex
+    name = _blob_prefix(owner) + uuid.uuid4().hex
     try:
         ray.get(store.put_blob.remote(name, value), timeout=_TIMEOUT_S)
     except Exception as err:
@@ -185,3 +200,15 @@ def receive_blob(reported: Any) -> Any:
     except Exception as err:
         log.warning("could not fetch %s from the checkpoint store: %s", reported, err)
         return None
+
+
+def forget_blobs(owner: str) -> None:
+    """Driver side, once a trial has ended or is about to be retried: its blobs still in the store
+    were sent by a run that died before reporting them, and nobody will take them."""
+    store = find_store()
+    if store is None:
+        return
+    try:
+        store.drop_blobs.remote(owner)  # not waited for: the store is a cache, the database decides
+    except Exception as err:
+        log.warning("could not drop the blobs of trial %s from the store: %s", owner, err)

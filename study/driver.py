@@ -158,7 +158,7 @@ def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyC
     from optuna.trial import TrialState
     from ray.tune import Callback
 
-    from study.checkpoints import find_store, receive_blob
+    from study.checkpoints import find_store, forget_blobs, receive_blob
     from study.search import objective_values
     from study.trainable import trial_params
 
@@ -174,10 +174,12 @@ def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyC
             self.final: dict[str, dict] = {}
             self.keys: dict[str, str] = {}  # Ray trial id -> config key (study.checkpoints)
 
-        def _forget_checkpoint(self, trial_id: str) -> None:
-            """Drop a finished trial's checkpoint from the store, unless a trial with the same config
-            is still under way (a retry of it may need it). By name: no actor handle in the
-            callback, which Tune pickles. The store is a cache; the database decides."""
+        def _clear_store(self, trial_id: str) -> None:
+            """Drop what a finished trial left in the store: blobs it sent but never reported, and
+            its checkpoint, unless a trial with the same config is still under way (a retry of it
+            may need it). By name: no actor handle in the callback, which Tune pickles. The store
+            is a cache; the database decides."""
+            forget_blobs(trial_id)
             key = self.keys.pop(trial_id, None)
             store = find_store() if key is not None and key not in self.keys.values() else None
             if store is not None:
@@ -238,7 +240,7 @@ def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyC
             if row is None:
                 return
             final = self.final.pop(trial.trial_id, None)
-            self._forget_checkpoint(trial.trial_id)  # finish_trial deletes its row in the database
+            self._clear_store(trial.trial_id)  # finish_trial deletes its row in the database
             if final is None:
                 state = "pruned" if asha else "failed"
                 storage.finish_trial(row, state, error=None if asha else "the trial ended without a final result")
@@ -261,12 +263,15 @@ def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyC
                                  weights=final["weights"])
             searcher.tell(trial.trial_id, TrialState.COMPLETE, values)
 
+        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info_: Any) -> None:
+            forget_blobs(trial.trial_id)  # the failed run's; the retry has not started yet
+
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info_: Any) -> None:
             row = self.rows.get(trial.trial_id)
             if row is None:
                 return
             self.final.pop(trial.trial_id, None)
-            self._forget_checkpoint(trial.trial_id)
+            self._clear_store(trial.trial_id)
             storage.finish_trial(row, "failed", error=_error_text(trial))
             searcher.tell(trial.trial_id, TrialState.FAIL)
 

@@ -86,9 +86,10 @@ def run_trial(config: dict[str, Any], study_config: dict | None = None, searched
         data = pack(checkpoint.to_bytes(), epochs)
         store_put(store, key, data)
         tune.report({"kind": "checkpoint", "stage": checkpoint.stage, "config_key": key,
-                     "checkpoint": send_blob(store, data), "node": node})
+                     "checkpoint": send_blob(store, data, trial_id), "node": node})
 
     store = find_store()
+    trial_id = tune.get_context().get_trial_id() if store is not None else ""
     try:
         lab = study.lab_config(params)
         key = config_key(lab)
@@ -115,7 +116,7 @@ def run_trial(config: dict[str, Any], study_config: dict | None = None, searched
         "kind": "final", "node": node, "config_key": key, "lab_seconds": result.seconds,
         **{k: float(v) for k, v in result.metrics.items()},
         "trial.resumed_after_stage": float(resumed_after),
-        "weights": send_blob(store, result.weight_files()),
+        "weights": send_blob(store, result.weight_files(), trial_id),
     })
 
 

@@ -57,3 +57,32 @@ def test_a_trial_reports_a_short_name_and_the_driver_takes_the_bytes_once(local_
     assert receive_blob(reported) == weights
     assert receive_blob(reported) is None  # taken once: the store does not keep it
     ray.kill(store)
+
+
+def test_the_store_drops_only_the_blobs_of_the_given_owner():
+    from study.checkpoints import CheckpointStore
+
+    store = CheckpointStore()
+    for name in ("rbm-study-blob:t1/a", "rbm-study-blob:t1/b", "rbm-study-blob:t10/c", "rbm-study-blob:/d"):
+        store.put_blob(name, name.encode())
+    assert store.drop_blobs("t1") == 2
+    assert store.take_blob("rbm-study-blob:t1/a") is None
+    assert store.take_blob("rbm-study-blob:t10/c") == b"rbm-study-blob:t10/c"  # t1 is not a prefix of t10
+    assert store.take_blob("rbm-study-blob:/d") == b"rbm-study-blob:/d"
+
+
+def test_the_driver_forgets_what_a_trial_sent_but_never_reported(local_ray):
+    """A trial that dies between sending a blob and reporting it leaves the blob in the store; the
+    driver drops it when the trial ends (or is retried), and other trials' blobs stay."""
+    import ray
+
+    from study.checkpoints import forget_blobs
+
+    store = start_store({})
+    orphan = send_blob(store, b"\x02" * 200_000, owner="trial_7")
+    other = send_blob(store, b"\x03" * 10, owner="trial_8")
+    assert orphan.startswith("rbm-study-blob:trial_7/")
+    forget_blobs("trial_7")  # not waited for; the store handles its calls in order
+    assert receive_blob(orphan) is None
+    assert receive_blob(other) == b"\x03" * 10
+    ray.kill(store)
