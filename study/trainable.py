@@ -89,7 +89,7 @@ def run_trial(config: dict[str, Any], study_config: dict | None = None, searched
                      "checkpoint": send_blob(store, data, trial_id), "node": node})
 
     store = find_store()
-    trial_id = tune.get_context().get_trial_id() if store is not None else ""
+    trial_id = (tune.get_context().get_trial_id() or "") if store is not None else ""
     try:
         lab = study.lab_config(params)
         key = config_key(lab)
