@@ -98,7 +98,8 @@ class CheckpointStore:
     def drop_blobs(self, owner: str) -> int:
         """Forget the blobs `owner` sent and nobody took (it died between sending and reporting);
         returns how many there were."""
-        names = [name for name in self._blobs if name.startswith(_blob_prefix(owner))]
+        prefix = _blob_prefix(owner)
+        names = [name for name in self._blobs if name.startswith(prefix)]
         for name in names:
             del self._blobs[name]
         return len(names)
