@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core import cdstep
 from core.data import Binarizer
 from core.rbm import RBM, FastBernoulli
 
@@ -89,6 +90,8 @@ class CDTrainer:
     velocity: _Velocity | None = None
     chain: torch.Tensor | None = None  # PCD: the negative chain's visible states
     last_negative: torch.Tensor | None = None  # vk of the last step (up-down's sleep pass starts there)
+    compiled: bool = True  # plain CD on the CPU in one compiled call (`core.cdstep`) where it applies
+    _compiled_step: cdstep.CDStep | None = field(default=None, repr=False)
     _work: _Workspace | None = field(default=None, repr=False)
     _sample: FastBernoulli | None = field(default=None, repr=False)  # the chain's sampler
     _data: Binarizer | None = field(default=None, repr=False)  # the training data, kept across epochs
@@ -106,8 +109,16 @@ class CDTrainer:
 
         The chain is sampled with `FastBernoulli` (16-bit uniforms, bias <= 2^-17 per unit): with
         torch's own sampling the random numbers, not the matmuls, were the biggest cost of a step.
+        Plain CD without momentum on the CPU takes `core.cdstep` instead: the same update and the
+        same kind of samples in one compiled call, ~1.3x faster.
         """
         rbm, s, n = self.rbm, self.settings, v0.shape[0]
+        if self._compiles(v0):
+            if self._compiled_step is None:
+                self._compiled_step = cdstep.CDStep(self.generator)
+            vk, squared_error = self._compiled_step(v0, rbm.W, rbm.a, rbm.b, s.cd_k, s.learning_rate, s.weight_decay)
+            self.last_negative = vk
+            return torch.tensor(squared_error / n, dtype=v0.dtype)
         if self._sample is None or self._sample.generator is not self.generator:
             self._sample = FastBernoulli(self.generator)
         if self._work is None or not self._work.fits(rbm, n):
@@ -163,6 +174,18 @@ class CDTrainer:
         rbm.a.add_(grad_a, alpha=scale)
         rbm.b.add_(grad_b, alpha=scale)
         return recon_error
+
+    def _compiles(self, v0: torch.Tensor) -> bool:
+        """Whether this step runs in `core.cdstep`: plain CD without momentum, float32 on the CPU."""
+        s, rbm = self.settings, self.rbm
+        tensors = (v0, rbm.W, rbm.a, rbm.b)
+        return (
+            self.compiled
+            and not s.persistent
+            and not s.momentum
+            and cdstep.available()
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+        )
 
     def epoch(self, data: torch.Tensor | Binarizer, encode: Encoder | None = None) -> dict[str, float]:
         """One pass over grey-valued `data` in shuffled, freshly binarised minibatches.

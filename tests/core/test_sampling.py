@@ -225,7 +225,8 @@ def test_cd_step_with_deterministic_sampling_matches_the_formulas(k: int, persis
     a = rbm.a + lr * (v0 - vk).mean(0)
     b = rbm.b + lr * (ph0 - phk).mean(0)
 
-    trainer = CDTrainer(rbm.clone(), CDSettings(cd_k=k, persistent=persistent, learning_rate=lr), g)
+    # the torch path: its sampler can be swapped for a deterministic one (the compiled path: test_cdstep.py)
+    trainer = CDTrainer(rbm.clone(), CDSettings(cd_k=k, persistent=persistent, learning_rate=lr), g, compiled=False)
     trainer._sample = Threshold(g)
     trainer.chain = chain.clone() if persistent else None
     error = trainer.step(v0)

@@ -1,0 +1,285 @@
+"""One CD-k step on the CPU in one compiled call, the model cut across the cores by visible units.
+
+Why: a CD-1 step of 100 MNIST images on a 784-100 RBM is five small matrix products and about
+twenty small element-wise operations. Run as torch operations, each one is split across all the
+threads, so the threads meet ~25 times a step and each product's operands (W above all) bounce
+between the cores' caches; on the 2-core development machine two threads ran the products only
+1.4x faster than one. Here the visible units are cut into `PARTS` column blocks [c_p, c_p+1) and
+part p owns rows c_p..c_p+1 of W, those entries of the visible bias a and those columns of the
+minibatch and of the chain, so each core keeps its half of W in its own cache and the parts meet
+four times a step, to add up the partial products S_p = v_p W_p of the hidden units' inputs:
+
+    1. [parts]  S_p = v0_p W_p
+    2. [rows]   ph0 = sigmoid(b + sum_p S_p);  h ~ ph0
+    k times:
+    3. [parts]  pv_p = sigmoid(a_p + h W_p');  vk_p ~ pv_p;  S_p = vk_p W_p
+                (the first time also sum (pv_p - v0_p)^2: the reconstruction error)
+    4. [rows]   phk = sigmoid(b + sum_p S_p);  h ~ phk  (not after the last step)
+    5. [parts]  W_p <- decay W_p + lr/N (v0_p' ph0 - vk_p' phk)
+                a_p += lr/N colsum(v0_p - vk_p);  b_p += lr/N colsum(ph0 - phk)  (b's own block)
+
+which is the update of `core.train` (CD-k with probabilities for the hidden statistics, samples
+driving the chain), computed in a different order. [parts] and [rows] are loops over the parts that
+numba runs in parallel; in [rows] each part takes a block of the minibatch's rows (the hidden side
+is N x H, small). The matrix products are MKL's sgemm and the exponentials MKL's vsExp, the
+copies that torch's CPU build carries (found by name in libtorch_cpu; where they are missing,
+`available()` is False and training keeps its torch path), run on one thread per part.
+
+Samples: as `core.rbm.FastBernoulli` draws them (16-bit uniforms, bias <= 2^-17), each part from
+SFC64 lanes of its own, so the result depends on the seed and on `PARTS`, not on how many threads
+run the parts or in which order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import llvmlite.binding
+import numba
+import numpy as np
+import torch
+from numba import prange, types
+
+from core import kernels
+
+PARTS = 2
+"""Column blocks of the visible units: fixed, so that the same seed gives the same weights anywhere."""
+
+_LIBRARY = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+_SYMBOLS = ("sgemm_", "vsExp", "MKL_Set_Num_Threads_Local")
+
+
+def available() -> bool:
+    """True where torch's CPU library carries MKL's sgemm and vsExp (x86 Linux builds do)."""
+    return _AVAILABLE
+
+
+def _load() -> bool:
+    try:
+        library = ctypes.CDLL(str(_LIBRARY))
+        if not all(hasattr(library, name) for name in _SYMBOLS):
+            return False
+        llvmlite.binding.load_library_permanently(str(_LIBRARY))  # compiled code finds them by name
+    except OSError:
+        return False
+    return True
+
+
+_AVAILABLE = _load()
+
+# Pointers are passed as pointer-sized integers (`array.ctypes.data`): the same registers on x86-64.
+_sgemm = types.ExternalFunction("sgemm_", types.void(*([types.intp] * 13)))  # Fortran: all by reference
+_vs_exp = types.ExternalFunction("vsExp", types.void(types.int32, types.intp, types.intp))
+_set_mkl_threads = types.ExternalFunction("MKL_Set_Num_Threads_Local", types.int32(types.int32))
+
+
+# Every array below is a flat (1-D, C-contiguous) view of a row-major matrix, indexed by hand:
+# numba vectorises loops over contiguous 1-D arrays, and not over 2-D slices of unknown strides.
+
+
+@numba.njit(cache=True, nogil=True)
+def _address(x: np.ndarray, offset: int) -> int:
+    return x.ctypes.data + offset * x.itemsize
+
+
+@numba.njit(cache=True, nogil=True)
+def _gemm(
+    trans_a: bool, trans_b: bool, m: int, n: int, k: int, alpha: float,
+    A: int, lda: int, B: int, ldb: int, beta: float, C: int, ldc: int,
+) -> None:  # fmt: skip
+    """C <- alpha op(A) op(B) + beta C, row-major, given addresses and row strides (sgemm's names).
+
+    Fortran's column-major sgemm sees a row-major matrix as its transpose, so it is asked for
+    C' = op(B)' op(A)'.
+    """
+    ints = np.array([n, m, k, ldb, lda, ldc], dtype=np.int32)
+    scalars = np.array([alpha, beta], dtype=np.float32)
+    flags = np.array([ord("T") if trans_b else ord("N"), ord("T") if trans_a else ord("N")], dtype=np.uint8)
+    _sgemm(
+        _address(flags, 0), _address(flags, 1), _address(ints, 0), _address(ints, 1), _address(ints, 2),
+        _address(scalars, 0), B, _address(ints, 3), A, _address(ints, 4), _address(scalars, 1), C, _address(ints, 5),
+    )  # fmt: skip
+
+
+# Inner loops run over 1-D slices indexed from 0: an index like `base + j` makes numba check for
+# negative indices, and that check keeps the loop from vectorising. error_model="numpy" drops the
+# ZeroDivisionError check of a division, for the same reason.
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def _sigmoid_block(
+    x: np.ndarray, ld: int, r0: int, r1: int, c0: int, c1: int, bias: np.ndarray, work: np.ndarray
+) -> None:
+    """x[r, c] <- sigmoid(x[r, c] + bias[c]) = 1 / (1 + exp(-(x + bias))) on rows r0..r1, columns c0..c1.
+
+    The block is gathered into `work` so that one vsExp call does all its exponentials (VML has
+    a per-call cost of about half a microsecond).
+    """
+    width = c1 - c0
+    cells = (r1 - r0) * width
+    bias_part = bias[c0:c1]
+    for r in range(r0, r1):
+        row, out = x[r * ld + c0 : r * ld + c1], work[(r - r0) * width : (r - r0 + 1) * width]
+        for j in range(width):
+            out[j] = -(row[j] + bias_part[j])
+    _vs_exp(cells, _address(work, 0), _address(work, 0))
+    for r in range(r0, r1):
+        row, e = x[r * ld + c0 : r * ld + c1], work[(r - r0) * width : (r - r0 + 1) * width]
+        for j in range(width):
+            row[j] = np.float32(1.0) / (np.float32(1.0) + e[j])
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _sample_block(
+    p: np.ndarray, out: np.ndarray, ld: int, r0: int, r1: int, c0: int, c1: int, state: np.ndarray, scratch: np.ndarray
+) -> None:
+    """out ~ bernoulli(p) on rows r0..r1, columns c0..c1, as `kernels.bernoulli` draws them."""
+    width = c1 - c0
+    bits = kernels._fresh_bits((r1 - r0) * width, state, scratch)
+    for r in range(r0, r1):
+        p_row, out_row = p[r * ld + c0 : r * ld + c1], out[r * ld + c0 : r * ld + c1]
+        bits_row = bits[(r - r0) * width : (r - r0 + 1) * width]
+        for j in range(width):
+            out_row[j] = np.float32(1.0) if kernels._uniform(bits_row[j]) < p_row[j] else np.float32(0.0)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc", "contract"})
+def _squared_error(p: np.ndarray, v: np.ndarray, ld: int, rows: int, c0: int, c1: int) -> float:
+    """sum((p - v)^2) over columns c0..c1 of all rows (in float64; NaNs propagate)."""
+    total = 0.0
+    for r in range(rows):
+        p_row, v_row = p[r * ld + c0 : r * ld + c1], v[r * ld + c0 : r * ld + c1]
+        for j in range(c1 - c0):
+            d = p_row[j] - v_row[j]
+            total += d * d
+    return total
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _column_step(x: np.ndarray, y: np.ndarray, ld: int, rows: int, c0: int, c1: int, scale: float, out: np.ndarray) -> None:
+    """out[c] += scale * sum_r (x[r, c] - y[r, c]) for c in c0..c1: a bias update."""
+    total = np.zeros(c1 - c0, dtype=np.float32)
+    for r in range(rows):
+        x_row, y_row = x[r * ld + c0 : r * ld + c1], y[r * ld + c0 : r * ld + c1]
+        for j in range(c1 - c0):
+            total[j] += x_row[j] - y_row[j]
+    part = out[c0:c1]
+    for j in range(c1 - c0):
+        part[j] += scale * total[j]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _hidden_inputs(partial: np.ndarray, parts: int, size: int, r0: int, r1: int, H: int, out: np.ndarray) -> None:
+    """out[r] = sum_p partial[p][r] on rows r0..r1, added in a fixed order (`size` = N * H per part)."""
+    rows = out[r0 * H : r1 * H]
+    rows[:] = partial[r0 * H : r1 * H]
+    for q in range(1, parts):
+        part = partial[q * size + r0 * H : q * size + r1 * H]
+        for i in range(rows.shape[0]):
+            rows[i] += part[i]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, boundscheck=False)
+def cd_step(
+    v0: np.ndarray,
+    W: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    n: int,
+    k: int,
+    scale: float,
+    decay: float,
+    ph0: np.ndarray,
+    phk: np.ndarray,
+    h: np.ndarray,
+    pv: np.ndarray,
+    vk: np.ndarray,
+    partial: np.ndarray,
+    lanes: np.ndarray,
+    scratch: np.ndarray,
+    work: np.ndarray,
+) -> float:
+    """One CD-k update of (W, a, b) in place from the binary minibatch v0 [n, V] (module docstring).
+
+    All matrices are flat row-major: v0, pv, vk [n, V], W [V, H], ph0, phk, h [n, H]. scale = lr / n,
+    decay = 1 - lr * weight_decay. Writes ph0 and phk (p(h|v0), p(h|vk)), h (the last hidden
+    sample), pv (p(v|h) of the last Gibbs step) and vk (its sample); `partial` [parts, n, H] holds
+    the S_p, `lanes` [parts, 4, LANES] and `scratch` [parts, words, LANES] each part's random
+    state and words. Returns the summed squared reconstruction error, sum((p(v|h0) - v0)^2).
+    """
+    parts = lanes.shape[0]
+    V, H = a.shape[0], b.shape[0]
+    size = n * H
+    squared_error = np.zeros(parts)
+    for p in prange(parts):  # 1
+        previous = _set_mkl_threads(1)
+        c0, c1 = V * p // parts, V * (p + 1) // parts
+        _gemm(False, False, n, H, c1 - c0, 1.0, _address(v0, c0), V, _address(W, c0 * H), H, 0.0, _address(partial, p * size), H)
+        _set_mkl_threads(previous)
+    for p in prange(parts):  # 2
+        r0, r1 = n * p // parts, n * (p + 1) // parts
+        _hidden_inputs(partial, parts, size, r0, r1, H, ph0)
+        _sigmoid_block(ph0, H, r0, r1, 0, H, b, work[p])
+        _sample_block(ph0, h, H, r0, r1, 0, H, lanes[p], scratch[p])
+    for step in range(k):
+        for p in prange(parts):  # 3
+            previous = _set_mkl_threads(1)
+            c0, c1 = V * p // parts, V * (p + 1) // parts
+            _gemm(False, True, n, c1 - c0, H, 1.0, _address(h, 0), H, _address(W, c0 * H), H, 0.0, _address(pv, c0), V)
+            _sigmoid_block(pv, V, 0, n, c0, c1, a, work[p])
+            if step == 0:
+                squared_error[p] = _squared_error(pv, v0, V, n, c0, c1)
+            _sample_block(pv, vk, V, 0, n, c0, c1, lanes[p], scratch[p])
+            _gemm(False, False, n, H, c1 - c0, 1.0, _address(vk, c0), V, _address(W, c0 * H), H, 0.0, _address(partial, p * size), H)
+            _set_mkl_threads(previous)
+        for p in prange(parts):  # 4
+            r0, r1 = n * p // parts, n * (p + 1) // parts
+            _hidden_inputs(partial, parts, size, r0, r1, H, phk)
+            _sigmoid_block(phk, H, r0, r1, 0, H, b, work[p])
+            if step + 1 < k:
+                _sample_block(phk, h, H, r0, r1, 0, H, lanes[p], scratch[p])
+    for p in prange(parts):  # 5
+        previous = _set_mkl_threads(1)
+        c0, c1 = V * p // parts, V * (p + 1) // parts
+        _gemm(True, False, c1 - c0, H, n, scale, _address(v0, c0), V, _address(ph0, 0), H, decay, _address(W, c0 * H), H)
+        _gemm(True, False, c1 - c0, H, n, -scale, _address(vk, c0), V, _address(phk, 0), H, 1.0, _address(W, c0 * H), H)
+        _set_mkl_threads(previous)
+        _column_step(v0, vk, V, n, c0, c1, scale, a)
+        _column_step(ph0, phk, H, n, H * p // parts, H * (p + 1) // parts, scale, b)
+    return squared_error.sum()
+
+
+class CDStep:
+    """The buffers and random state of `cd_step` for one model: made once per training run."""
+
+    def __init__(self, generator: torch.Generator, parts: int = PARTS):
+        seeds = np.random.SeedSequence(int(torch.randint(2**62, (), generator=generator))).generate_state(parts)
+        self.lanes = np.stack([kernels.sfc64_lanes(int(seed)) for seed in seeds])
+        self.parts = parts
+        self._shape: tuple[int, int, int] | None = None
+
+    def _buffers(self, n: int, V: int, H: int) -> None:
+        if self._shape == (n, V, H):
+            return
+        self._shape = (n, V, H)
+        self.ph0, self.phk, self.h = (torch.empty(n, H) for _ in range(3))
+        self.pv = torch.empty(n, V)
+        self.partial = np.empty(self.parts * n * H, dtype=np.float32)
+        words = kernels.words_needed(n * max(-(-V // self.parts), H))
+        self.scratch = np.empty((self.parts, words, kernels.LANES), dtype=np.uint64)
+        self.work = np.empty((self.parts, n * max(-(-V // self.parts), H)), dtype=np.float32)
+
+    def __call__(
+        self, v0: torch.Tensor, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int, lr: float, weight_decay: float
+    ) -> tuple[torch.Tensor, float]:
+        """CD-k on (W, a, b) in place; returns (vk, summed squared reconstruction error)."""
+        n, (V, H) = v0.shape[0], W.shape
+        self._buffers(n, V, H)
+        vk = torch.empty(n, V)  # a new tensor: it outlives the step (the trainer's last_negative)
+        numba.set_num_threads(max(1, min(self.parts, torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        flat = kernels.flat
+        error = cd_step(
+            flat(v0), flat(W), flat(a), flat(b), n, k, lr / n, 1.0 - lr * weight_decay,
+            flat(self.ph0), flat(self.phk), flat(self.h), flat(self.pv), flat(vk),
+            self.partial, self.lanes, self.scratch, self.work,
+        )  # fmt: skip
+        return vk, error
