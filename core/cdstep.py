@@ -155,7 +155,9 @@ def _squared_error(p: np.ndarray, v: np.ndarray, ld: int, rows: int, c0: int, c1
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _column_step(x: np.ndarray, y: np.ndarray, ld: int, rows: int, c0: int, c1: int, scale: float, out: np.ndarray) -> None:
+def _column_step(
+    x: np.ndarray, y: np.ndarray, ld: int, rows: int, c0: int, c1: int, scale: float, out: np.ndarray
+) -> None:
     """out[c] += scale * sum_r (x[r, c] - y[r, c]) for c in c0..c1: a bias update."""
     total = np.zeros(c1 - c0, dtype=np.float32)
     for r in range(rows):
@@ -213,7 +215,8 @@ def cd_step(
     for p in prange(parts):  # 1
         previous = _set_mkl_threads(1)
         c0, c1 = V * p // parts, V * (p + 1) // parts
-        _gemm(False, False, n, H, c1 - c0, 1.0, _address(v0, c0), V, _address(W, c0 * H), H, 0.0, _address(partial, p * size), H)
+        W_p, S_p = _address(W, c0 * H), _address(partial, p * size)
+        _gemm(False, False, n, H, c1 - c0, 1.0, _address(v0, c0), V, W_p, H, 0.0, S_p, H)
         _set_mkl_threads(previous)
     for p in prange(parts):  # 2
         r0, r1 = n * p // parts, n * (p + 1) // parts
@@ -224,12 +227,13 @@ def cd_step(
         for p in prange(parts):  # 3
             previous = _set_mkl_threads(1)
             c0, c1 = V * p // parts, V * (p + 1) // parts
-            _gemm(False, True, n, c1 - c0, H, 1.0, _address(h, 0), H, _address(W, c0 * H), H, 0.0, _address(pv, c0), V)
+            W_p, S_p = _address(W, c0 * H), _address(partial, p * size)
+            _gemm(False, True, n, c1 - c0, H, 1.0, _address(h, 0), H, W_p, H, 0.0, _address(pv, c0), V)
             _sigmoid_block(pv, V, 0, n, c0, c1, a, work[p])
             if step == 0:
                 squared_error[p] = _squared_error(pv, v0, V, n, c0, c1)
             _sample_block(pv, vk, V, 0, n, c0, c1, lanes[p], scratch[p])
-            _gemm(False, False, n, H, c1 - c0, 1.0, _address(vk, c0), V, _address(W, c0 * H), H, 0.0, _address(partial, p * size), H)
+            _gemm(False, False, n, H, c1 - c0, 1.0, _address(vk, c0), V, W_p, H, 0.0, S_p, H)
             _set_mkl_threads(previous)
         for p in prange(parts):  # 4
             r0, r1 = n * p // parts, n * (p + 1) // parts
@@ -240,18 +244,33 @@ def cd_step(
     for p in prange(parts):  # 5
         previous = _set_mkl_threads(1)
         c0, c1 = V * p // parts, V * (p + 1) // parts
-        _gemm(True, False, c1 - c0, H, n, scale, _address(v0, c0), V, _address(ph0, 0), H, decay, _address(W, c0 * H), H)
-        _gemm(True, False, c1 - c0, H, n, -scale, _address(vk, c0), V, _address(phk, 0), H, 1.0, _address(W, c0 * H), H)
+        W_p = _address(W, c0 * H)
+        _gemm(True, False, c1 - c0, H, n, scale, _address(v0, c0), V, _address(ph0, 0), H, decay, W_p, H)
+        _gemm(True, False, c1 - c0, H, n, -scale, _address(vk, c0), V, _address(phk, 0), H, 1.0, W_p, H)
         _set_mkl_threads(previous)
         _column_step(v0, vk, V, n, c0, c1, scale, a)
         _column_step(ph0, phk, H, n, H * p // parts, H * (p + 1) // parts, scale, b)
     return squared_error.sum()
 
 
+def _start_numba_threads() -> None:
+    """Start numba's thread pool now, keeping torch's thread count.
+
+    Starting it (once a process, at the first parallel call) sets OpenMP's thread count to
+    NUMBA_NUM_THREADS, which torch reads as its own: a Ray trial given one CPU went on with two
+    torch threads after its first compiled step.
+    """
+    threads = torch.get_num_threads()
+    numba.get_num_threads()  # starts the pool, if not yet started
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 class CDStep:
     """The buffers and random state of `cd_step` for one model: made once per training run."""
 
     def __init__(self, generator: torch.Generator, parts: int = PARTS):
+        _start_numba_threads()
         seeds = np.random.SeedSequence(int(torch.randint(2**62, (), generator=generator))).generate_state(parts)
         self.lanes = np.stack([kernels.sfc64_lanes(int(seed)) for seed in seeds])
         self.parts = parts
@@ -269,16 +288,20 @@ class CDStep:
         self.work = np.empty((self.parts, n * max(-(-V // self.parts), H)), dtype=np.float32)
 
     def __call__(
-        self, v0: torch.Tensor, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int, lr: float, weight_decay: float
+        self, v0: torch.Tensor, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int, lr: float, decay: float
     ) -> tuple[torch.Tensor, float]:
-        """CD-k on (W, a, b) in place; returns (vk, summed squared reconstruction error)."""
+        """CD-k on (W, a, b) in place at learning rate lr and weight decay `decay`.
+
+        Returns (vk, the summed squared reconstruction error); p(h|v0), p(h|vk), the last hidden
+        sample and p(v|h) stay in `ph0`, `phk`, `h` and `pv` until the next call.
+        """
         n, (V, H) = v0.shape[0], W.shape
         self._buffers(n, V, H)
         vk = torch.empty(n, V)  # a new tensor: it outlives the step (the trainer's last_negative)
         numba.set_num_threads(max(1, min(self.parts, torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         flat = kernels.flat
         error = cd_step(
-            flat(v0), flat(W), flat(a), flat(b), n, k, lr / n, 1.0 - lr * weight_decay,
+            flat(v0), flat(W), flat(a), flat(b), n, k, lr / n, 1.0 - lr * decay,
             flat(self.ph0), flat(self.phk), flat(self.h), flat(self.pv), flat(vk),
             self.partial, self.lanes, self.scratch, self.work,
         )  # fmt: skip

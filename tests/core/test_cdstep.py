@@ -1,0 +1,103 @@
+"""The compiled CPU step (`core.cdstep`): LAB.md's CD-k update, checked against the formulas."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numba
+import pytest
+import torch
+
+from core import cdstep
+from core.rbm import RBM
+from core.train import CDSettings, CDTrainer
+
+pytestmark = pytest.mark.skipif(not cdstep.available(), reason="torch's CPU library has no MKL here")
+
+
+def model(V: int, H: int, seed: int = 0) -> tuple[RBM, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    W, a, b = (torch.randn(*shape, generator=g) * 0.3 for shape in ((V, H), (V,), (H,)))
+    rbm = RBM(W, a, b)
+    return rbm, (torch.rand(40, V, generator=g) < 0.3).float()
+
+
+@pytest.mark.parametrize(("V", "H", "k", "weight_decay"), [(784, 100, 1, 0.0), (13, 5, 3, 0.0), (9, 7, 2, 0.01)])
+def test_one_step_is_lab_cd_k_given_its_samples(V: int, H: int, k: int, weight_decay: float):
+    """Each quantity the step writes follows from the ones before it by LAB.md's formulas.
+
+    V = 13 and 9 do not split evenly into the parts; H = 5 and 7 split the hidden bias unevenly.
+    """
+    rbm, v0 = model(V, H)
+    lr, n = 0.3, len(v0)
+    step = cdstep.CDStep(torch.Generator().manual_seed(1))
+    W, a, b = rbm.W.clone(), rbm.a.clone(), rbm.b.clone()
+    vk, squared_error = step(v0, W, a, b, k, lr, weight_decay)
+
+    assert torch.allclose(step.ph0, rbm.p_h(v0), atol=1e-6)
+    assert torch.allclose(step.pv, rbm.p_v(step.h), atol=1e-6)  # the last Gibbs step's p(v|h)
+    assert torch.allclose(step.phk, rbm.p_h(vk), atol=1e-6)
+    assert set(vk.unique().tolist()) <= {0.0, 1.0} and set(step.h.unique().tolist()) <= {0.0, 1.0}
+    if k == 1:  # h is h0, so the reconstruction error can be recomputed
+        assert squared_error == pytest.approx(((rbm.p_v(step.h) - v0) ** 2).sum().item(), rel=1e-5)
+    want_W = rbm.W * (1 - lr * weight_decay) + lr * (v0.T @ step.ph0 - vk.T @ step.phk) / n
+    assert torch.allclose(W, want_W, atol=1e-6)
+    assert torch.allclose(a, rbm.a + lr * (v0 - vk).mean(0), atol=1e-6)
+    assert torch.allclose(b, rbm.b + lr * (step.ph0 - step.phk).mean(0), atol=1e-6)
+
+
+def test_samples_fire_with_their_probability():
+    """h ~ bernoulli(p(h|v0)): over many steps each unit fires as often as its probability says."""
+    rbm, v0 = model(30, 8)
+    step = cdstep.CDStep(torch.Generator().manual_seed(2))
+    fired, steps = torch.zeros(len(v0), 8), 2000
+    for _ in range(steps):
+        step(v0, rbm.W.clone(), rbm.a.clone(), rbm.b.clone(), 1, 0.1, 0.0)
+        fired += step.h
+    p = rbm.p_h(v0)
+    # 4.5 standard errors of a binomial frequency, over 320 units
+    assert ((fired / steps - p).abs() <= 4.5 * (p * (1 - p) / steps).sqrt() + 1e-3).all()
+
+
+def test_same_seed_same_weights_whatever_the_thread_count():
+    """Each part draws from its own random state, so the threads that run them do not matter."""
+
+    def train(threads: int) -> torch.Tensor:
+        rbm, v0 = model(50, 12)
+        step = cdstep.CDStep(torch.Generator().manual_seed(3))
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)  # the step runs on as many threads as torch has
+        try:
+            for _ in range(5):
+                step(v0, rbm.W, rbm.a, rbm.b, 2, 0.1, 0.0)
+                assert numba.get_num_threads() == min(threads, cdstep.PARTS, numba.config.NUMBA_NUM_THREADS)
+        finally:
+            torch.set_num_threads(previous)
+        return torch.cat([rbm.W.flatten(), rbm.a, rbm.b])
+
+    assert torch.equal(train(1), train(2))
+
+
+def test_the_trainer_takes_the_compiled_step_for_plain_cd_on_the_cpu():
+    rbm, v0 = model(20, 6)
+    plain = CDTrainer(rbm.clone(), CDSettings(cd_k=2), torch.Generator().manual_seed(0))
+    plain.step(v0)
+    assert plain._compiled_step is not None and plain.last_negative.shape == v0.shape
+    for settings in (CDSettings(persistent=True), CDSettings(momentum=0.5)):
+        other = CDTrainer(rbm.clone(), settings, torch.Generator().manual_seed(0))
+        other.step(v0)
+        assert other._compiled_step is None
+
+
+def test_the_compiled_step_leaves_torchs_thread_count_alone():
+    """Starting numba's threads sets OpenMP's thread count, torch's too (once a process: a new one here)."""
+    script = (
+        "import torch; from core import cdstep; torch.set_num_threads(1); "
+        "step = cdstep.CDStep(torch.Generator().manual_seed(0)); W = torch.zeros(8, 4); "
+        "step((torch.rand(4, 8) < 0.5).float(), W, torch.zeros(8), torch.zeros(4), 1, 0.1, 0.0); "
+        "print(torch.get_num_threads())"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "1"
