@@ -184,6 +184,20 @@ def _hidden_inputs(partial: np.ndarray, parts: int, size: int, r0: int, r1: int,
             rows[i] += part[i]
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _hidden_rows(
+    partial: np.ndarray, b: np.ndarray, n: int, p: int, parts: int, ph: np.ndarray, sample: bool,
+    h: np.ndarray, state: np.ndarray, scratch: np.ndarray, work: np.ndarray,
+) -> None:  # fmt: skip
+    """Part p's block of rows of the hidden side: ph = sigmoid(b + sum_q S_q), and h ~ ph if `sample`."""
+    H = b.shape[0]
+    r0, r1 = n * p // parts, n * (p + 1) // parts
+    _hidden_inputs(partial, parts, n * H, r0, r1, H, ph)
+    _sigmoid_block(ph, H, r0, r1, 0, H, b, work)
+    if sample:
+        _sample_block(ph, h, H, r0, r1, 0, H, state, scratch)
+
+
 @numba.njit(cache=True, nogil=True, parallel=True, boundscheck=False)
 def cd_step(
     v0: np.ndarray,
@@ -223,10 +237,7 @@ def cd_step(
         _gemm(False, False, n, H, c1 - c0, 1.0, _address(v0, c0), V, W_p, H, 0.0, S_p, H)
         _set_mkl_threads(previous)
     for p in prange(parts):  # 2
-        r0, r1 = n * p // parts, n * (p + 1) // parts
-        _hidden_inputs(partial, parts, size, r0, r1, H, ph0)
-        _sigmoid_block(ph0, H, r0, r1, 0, H, b, work[p])
-        _sample_block(ph0, h, H, r0, r1, 0, H, lanes[p], scratch[p])
+        _hidden_rows(partial, b, n, p, parts, ph0, True, h, lanes[p], scratch[p], work[p])
     for step in range(k):
         for p in prange(parts):  # 3
             previous = _set_mkl_threads(1)
@@ -240,11 +251,7 @@ def cd_step(
             _gemm(False, False, n, H, c1 - c0, 1.0, _address(vk, c0), V, W_p, H, 0.0, S_p, H)
             _set_mkl_threads(previous)
         for p in prange(parts):  # 4
-            r0, r1 = n * p // parts, n * (p + 1) // parts
-            _hidden_inputs(partial, parts, size, r0, r1, H, phk)
-            _sigmoid_block(phk, H, r0, r1, 0, H, b, work[p])
-            if step + 1 < k:
-                _sample_block(phk, h, H, r0, r1, 0, H, lanes[p], scratch[p])
+            _hidden_rows(partial, b, n, p, parts, phk, step + 1 < k, h, lanes[p], scratch[p], work[p])
     for p in prange(parts):  # 5
         previous = _set_mkl_threads(1)
         c0, c1 = V * p // parts, V * (p + 1) // parts
