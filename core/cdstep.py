@@ -284,6 +284,7 @@ class CDStep:
         _start_numba_threads()
         seeds = np.random.SeedSequence(int(torch.randint(2**62, (), generator=generator))).generate_state(parts)
         self.lanes = np.stack([kernels.sfc64_lanes(int(seed)) for seed in seeds])
+        self.generator = generator  # where the lanes were seeded from
         self.parts = parts
         self._shape: tuple[int, int, int] | None = None
 

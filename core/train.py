@@ -114,7 +114,7 @@ class CDTrainer:
         """
         rbm, s, n = self.rbm, self.settings, v0.shape[0]
         if self._compiles(v0):
-            if self._compiled_step is None:
+            if self._compiled_step is None or self._compiled_step.generator is not self.generator:
                 self._compiled_step = cdstep.CDStep(self.generator)
             vk, squared_error = self._compiled_step(v0, rbm.W, rbm.a, rbm.b, s.cd_k, s.learning_rate, s.weight_decay)
             self.last_negative = vk
