@@ -223,8 +223,9 @@ def cd_step(
     All matrices are flat row-major: v0, pv, vk [n, V], W [V, H], ph0, phk, h [n, H]. scale = lr / n,
     decay = 1 - lr * weight_decay. Writes ph0 and phk (p(h|v0), p(h|vk)), h (the last hidden
     sample), pv (p(v|h) of the last Gibbs step) and vk (its sample); `partial` [parts, n, H] holds
-    the S_p, `lanes` [parts, 4, LANES] and `scratch` [parts, words, LANES] each part's random
-    state and words. Returns the summed squared reconstruction error, sum((p(v|h0) - v0)^2).
+    the S_p, `lanes` [parts, 4, LANES], `scratch` [parts, words, LANES] and `work` [parts, cells]
+    each part's random state, random words and sigmoid buffer. Returns the summed squared
+    reconstruction error, sum((p(v|h0) - v0)^2).
     """
     parts = lanes.shape[0]
     V, H = a.shape[0], b.shape[0]
@@ -295,9 +296,9 @@ class CDStep:
         self.ph0, self.phk, self.h = (torch.empty(n, H) for _ in range(3))
         self.pv = torch.empty(n, V)
         self.partial = np.empty(self.parts * n * H, dtype=np.float32)
-        words = kernels.words_needed(n * max(-(-V // self.parts), H))
-        self.scratch = np.empty((self.parts, words, kernels.LANES), dtype=np.uint64)
-        self.work = np.empty((self.parts, n * max(-(-V // self.parts), H)), dtype=np.float32)
+        cells = n * max(-(-V // self.parts), H)  # the largest block one part samples or squashes
+        self.scratch = np.empty((self.parts, kernels.words_needed(cells), kernels.LANES), dtype=np.uint64)
+        self.work = np.empty((self.parts, cells), dtype=np.float32)
         self._flat_buffers = tuple(kernels.flat(t) for t in (self.ph0, self.phk, self.h, self.pv))
 
     def __call__(
