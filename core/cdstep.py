@@ -24,10 +24,11 @@ is N x H, small). The matrix products are MKL's sgemm and the exponentials MKL's
 copies that torch's CPU build carries (found by name in libtorch_cpu; where they are missing,
 `available()` is False and training keeps its torch path), run on one thread per part.
 
-Measured on the 2-core development machine (interleaved rounds, medians of the ratios): the step
-is 1.1-1.3x faster than the torch path, and runs 1.5x faster on two threads than on one (torch's
-two-thread products: 1.4x). The rest of the gap to two full cores is not the matrix products,
-which do scale; the element-wise passes barely do (sampling not at all), cause not pinned down.
+Measured on the 2-core development machine (interleaved rounds, medians of the ratios): a CD-1
+epoch is 1.06-1.24x faster than on the torch path (`python -m core.bench`, five runs), and the step
+runs 1.5x faster on two threads than on one (torch's two-thread products: 1.4x). The rest of the gap
+to two full cores is not the matrix products, which do scale; the element-wise passes barely do
+(sampling not at all), cause not pinned down.
 
 Samples: as `core.rbm.FastBernoulli` draws them (16-bit uniforms, bias <= 2^-17), each part from
 SFC64 lanes of its own, so the result depends on the seed and on `PARTS`, not on how many threads
@@ -143,7 +144,7 @@ def _sample_block(
         p_row, out_row = p[r * ld + c0 : r * ld + c1], out[r * ld + c0 : r * ld + c1]
         bits_row = bits[(r - r0) * width : (r - r0 + 1) * width]
         for j in range(width):
-            out_row[j] = np.float32(1.0) if kernels._uniform(bits_row[j]) < p_row[j] else np.float32(0.0)
+            out_row[j] = kernels._ONE if kernels._uniform(bits_row[j]) < p_row[j] else kernels._ZERO
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc", "contract"})
@@ -184,6 +185,12 @@ def _hidden_inputs(partial: np.ndarray, parts: int, size: int, r0: int, r1: int,
             rows[i] += part[i]
 
 
+@numba.njit(cache=True, nogil=True)
+def _cut(size: int, p: int, parts: int) -> tuple[int, int]:
+    """Part p's block [lo, hi) of range(size) cut into `parts` nearly equal blocks."""
+    return size * p // parts, size * (p + 1) // parts
+
+
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def _hidden_rows(
     partial: np.ndarray, b: np.ndarray, n: int, p: int, parts: int, ph: np.ndarray, sample: bool,
@@ -191,7 +198,7 @@ def _hidden_rows(
 ) -> None:  # fmt: skip
     """Part p's block of rows of the hidden side: ph = sigmoid(b + sum_q S_q), and h ~ ph if `sample`."""
     H = b.shape[0]
-    r0, r1 = n * p // parts, n * (p + 1) // parts
+    r0, r1 = _cut(n, p, parts)
     _hidden_inputs(partial, parts, n * H, r0, r1, H, ph)
     _sigmoid_block(ph, H, r0, r1, 0, H, b, work)
     if sample:
@@ -233,7 +240,7 @@ def cd_step(
     squared_error = np.zeros(parts)
     for p in prange(parts):  # 1
         previous = _set_mkl_threads(1)
-        c0, c1 = V * p // parts, V * (p + 1) // parts
+        c0, c1 = _cut(V, p, parts)
         W_p, S_p = _address(W, c0 * H), _address(partial, p * size)
         _gemm(False, False, n, H, c1 - c0, 1.0, _address(v0, c0), V, W_p, H, 0.0, S_p, H)
         _set_mkl_threads(previous)
@@ -242,7 +249,7 @@ def cd_step(
     for step in range(k):
         for p in prange(parts):  # 3
             previous = _set_mkl_threads(1)
-            c0, c1 = V * p // parts, V * (p + 1) // parts
+            c0, c1 = _cut(V, p, parts)
             W_p, S_p = _address(W, c0 * H), _address(partial, p * size)
             _gemm(False, True, n, c1 - c0, H, 1.0, _address(h, 0), H, W_p, H, 0.0, _address(pv, c0), V)
             _sigmoid_block(pv, V, 0, n, c0, c1, a, work[p])
@@ -255,13 +262,13 @@ def cd_step(
             _hidden_rows(partial, b, n, p, parts, phk, step + 1 < k, h, lanes[p], scratch[p], work[p])
     for p in prange(parts):  # 5
         previous = _set_mkl_threads(1)
-        c0, c1 = V * p // parts, V * (p + 1) // parts
+        c0, c1 = _cut(V, p, parts)
         W_p = _address(W, c0 * H)
         _gemm(True, False, c1 - c0, H, n, scale, _address(v0, c0), V, _address(ph0, 0), H, decay, W_p, H)
         _gemm(True, False, c1 - c0, H, n, -scale, _address(vk, c0), V, _address(phk, 0), H, 1.0, W_p, H)
         _set_mkl_threads(previous)
         _column_step(v0, vk, V, n, c0, c1, scale, a)
-        _column_step(ph0, phk, H, n, H * p // parts, H * (p + 1) // parts, scale, b)
+        _column_step(ph0, phk, H, n, *_cut(H, p, parts), scale, b)
     return squared_error.sum()
 
 
