@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
 import numba
+import numpy as np
 import pytest
 import torch
 
@@ -23,13 +25,17 @@ def model(V: int, H: int, seed: int = 0) -> tuple[RBM, torch.Tensor]:
     return rbm, (torch.rand(40, V, generator=g) < 0.3).float()
 
 
-@pytest.mark.parametrize(("V", "H", "k", "weight_decay"), [(784, 100, 1, 0.0), (13, 5, 3, 0.0), (9, 7, 2, 0.01)])
-def test_one_step_is_lab_cd_k_given_its_samples(V: int, H: int, k: int, weight_decay: float):
+@pytest.mark.parametrize(
+    ("V", "H", "k", "weight_decay", "rows"), [(784, 100, 1, 0.0, 40), (13, 5, 3, 0.0, 40), (9, 7, 2, 0.01, 1)]
+)
+def test_one_step_is_lab_cd_k_given_its_samples(V: int, H: int, k: int, weight_decay: float, rows: int):
     """Each quantity the step writes follows from the ones before it by LAB.md's formulas.
 
-    V = 13 and 9 do not split evenly into the parts; H = 5 and 7 split the hidden bias unevenly.
+    V = 13 and 9 do not split evenly into the parts; H = 5 and 7 split the hidden bias unevenly;
+    a one-row minibatch (an epoch's last) leaves one part no rows of the hidden side.
     """
     rbm, v0 = model(V, H)
+    v0 = v0[:rows]
     lr, n = 0.3, len(v0)
     step = cdstep.CDStep(torch.Generator().manual_seed(1))
     W, a, b = rbm.W.clone(), rbm.a.clone(), rbm.b.clone()
@@ -45,6 +51,26 @@ def test_one_step_is_lab_cd_k_given_its_samples(V: int, H: int, k: int, weight_d
     assert torch.allclose(W, want_W, atol=1e-6)
     assert torch.allclose(a, rbm.a + lr * (v0 - vk).mean(0), atol=1e-6)
     assert torch.allclose(b, rbm.b + lr * (step.ph0 - step.phk).mean(0), atol=1e-6)
+
+
+def test_sigmoid_is_within_two_ulp_of_float32s():
+    """The written-out exponential (Cephes' expf) against float64's sigmoid rounded to float32."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([torch.linspace(-80, 80, 400_001), torch.randn(100_000, generator=g) * 4])
+    bias = torch.randn(len(x), generator=g) * 0.5
+    got = x.clone()
+    cdstep._sigmoid_row(got.numpy(), bias.numpy(), np.empty(len(x), np.float32), np.empty(len(x), np.int32))
+    want = torch.sigmoid((x + bias).double()).float()  # the sum in float32, as the step adds it
+    ulp = torch.from_numpy(np.spacing(want.numpy()))
+    assert ((got - want).abs() <= 2 * ulp).all()
+
+    extremes = torch.tensor([-1e30, -1e4, -88.0, 88.0, 1e4, 1e30, -math.inf, math.inf, math.nan])
+    got = extremes.clone()
+    n = len(extremes)
+    cdstep._sigmoid_row(got.numpy(), np.zeros(n, np.float32), np.empty(n, np.float32), np.empty(n, np.int32))
+    assert (got[:3] <= 2e-38).all() and (got[:3] >= 0).all()  # tiny, never negative, never NaN
+    assert (got[3:6] == 1.0).all()
+    assert got[6] <= 2e-38 and got[7] == 1.0 and got[8].isnan()
 
 
 def test_samples_fire_with_their_probability():
