@@ -24,11 +24,12 @@ is N x H, small). The matrix products are MKL's sgemm, the copy that torch's CPU
 carries (found by name in libtorch_cpu; where it is missing, `available()` is False and training
 keeps its torch path), run on one thread per part; the sigmoid is a compiled loop of its own.
 
-Measured on the 2-core development machine (interleaved rounds, medians of the ratios): a CD-1
-epoch is 1.06-1.24x faster than on the torch path (`python -m core.bench`, five runs), and the step
-runs 1.5x faster on two threads than on one (torch's two-thread products: 1.4x). The rest of the gap
-to two full cores is not the matrix products, which do scale; the element-wise passes barely do
-(sampling not at all), cause not pinned down.
+Measured with `python -m core.bench` (interleaved rounds, medians of the ratios): a CD-1 epoch is
+1.06-1.24x faster than on the torch path on an Intel 2-core machine (five runs, MKL's vsExp for the
+exponentials then) and 1.12-1.41x on an AMD EPYC 2-core machine (five runs, the exponential written
+out, see `_sigmoid_row`). On the AMD machine the step runs 1.2-1.8x faster on two threads than on
+one, swinging from minute to minute, and a pure arithmetic loop scales by 1.6x: two threads of
+these VMs are not quite two cores, and a host's busy spells slow the two-thread step most.
 
 Samples: as `core.rbm.FastBernoulli` draws them (16-bit uniforms, bias <= 2^-17), each part from
 SFC64 lanes of its own, so the result depends on the seed and on `PARTS`, not on how many threads
@@ -129,8 +130,9 @@ def _sigmoid_row(x: np.ndarray, bias: np.ndarray, mantissa: np.ndarray, exponent
 
     Why not MKL's vsExp, or numba's np.exp: on the AMD machines here vsExp takes 3.7 ns an
     element and np.exp calls libm's scalar expf; this loop vectorises (~0.9 ns an element, the
-    whole sigmoid), which made a CD-1 epoch there 1.3x faster. `mantissa` and `exponent` are
-    scratch rows as long as x: exp(r), and 2^n built in its bits (read back as float32).
+    whole sigmoid): there the compiled CD-1 epoch went from 1.05x faster than the torch path
+    to 1.12-1.41x (`core.bench`). `mantissa` and `exponent` are scratch rows as long as x:
+    exp(r), and 2^n built in its bits (read back as float32).
     """
     p0, p1, p2, p3, p4, p5 = _EXP_POLY
     power_of_two = exponent.view(np.float32)

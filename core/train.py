@@ -110,7 +110,7 @@ class CDTrainer:
         The chain is sampled with `FastBernoulli` (16-bit uniforms, bias <= 2^-17 per unit): with
         torch's own sampling the random numbers, not the matmuls, were the biggest cost of a step.
         Plain CD without momentum on the CPU takes `core.cdstep` instead: the same update and the
-        same kind of samples in one compiled call; a CD-1 epoch 1.06-1.24x faster (2-core machine).
+        same kind of samples in one compiled call; a CD-1 epoch 1.06-1.41x faster (2-core machines).
         """
         rbm, s, n = self.rbm, self.settings, v0.shape[0]
         if self._compiles(v0):
