@@ -109,7 +109,7 @@ def _gemm(
 
 # Cephes' expf: exp(t) = 2^n exp(r), n = round(t log2 e), r = t - n ln 2 (ln 2 in two parts, so
 # that r is exact), exp(r) by a degree-7 polynomial on |r| <= ln2 / 2. The sigmoid built on it
-# is within 2 ulp of float32's (tests/core/test_cdstep.py).
+# is within 2 ulp of the exact one rounded to float32, as torch's is (tests/core/test_cdstep.py).
 _LOG2_E = np.float32(1.44269504088896341)
 _LN2_HIGH, _LN2_LOW = np.float32(0.693359375), np.float32(-2.12194440e-4)
 _EXP_POLY = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
@@ -128,7 +128,7 @@ _ONE, _HALF = np.float32(1.0), np.float32(0.5)
 def _sigmoid_row(x: np.ndarray, bias: np.ndarray, mantissa: np.ndarray, exponent: np.ndarray) -> None:
     """x <- sigmoid(x + bias) = 1 / (1 + exp(-(x + bias))), the exponential written out (above).
 
-    Why not MKL's vsExp, or numba's np.exp: on the AMD machines here vsExp takes 3.7 ns an
+    Why not MKL's vsExp, or numba's np.exp: on an AMD EPYC machine vsExp took 3.7 ns an
     element and np.exp calls libm's scalar expf; this loop vectorises (~0.9 ns an element, the
     whole sigmoid): there the compiled CD-1 epoch went from 1.05x faster than the torch path
     to 1.12-1.41x (`core.bench`). `mantissa` and `exponent` are scratch rows as long as x:

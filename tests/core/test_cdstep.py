@@ -53,7 +53,7 @@ def test_one_step_is_lab_cd_k_given_its_samples(V: int, H: int, k: int, weight_d
     assert torch.allclose(b, rbm.b + lr * (step.ph0 - step.phk).mean(0), atol=1e-6)
 
 
-def test_sigmoid_is_within_two_ulp_of_float32s():
+def test_sigmoid_is_within_two_ulp_of_the_exact_one():
     """The written-out exponential (Cephes' expf) against float64's sigmoid rounded to float32."""
     g = torch.Generator().manual_seed(4)
     x = torch.cat([torch.linspace(-80, 80, 400_001), torch.randn(100_000, generator=g) * 4])
