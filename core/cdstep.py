@@ -117,7 +117,7 @@ _EXP_POLY = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.33
 # |t| <= 87: 2^n stays a normal float and so does sigmoid(-87) = 1.6e-38 (no slow denormals);
 # beyond it the sigmoid is 0 or 1 to far below a 16-bit uniform's resolution (2^-17)
 _EXP_LIMIT = np.float32(87.0)
-_ONE, _HALF = np.float32(1.0), np.float32(0.5)
+_ONE, _HALF = kernels._ONE, kernels._HALF  # float32 1 and 0.5: numba keeps the loop in float32
 
 
 # Inner loops run over 1-D slices indexed from 0: an index like `base + j` makes numba check for
