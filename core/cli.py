@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
@@ -63,15 +64,23 @@ def run_command(args: argparse.Namespace) -> int:
     except FloatingPointError as err:  # a learning rate too large for the data: the user's to change
         raise UserError(str(err)) from None
     written = [labfiles.save(model, out / labfiles.FILE_NAMES[stage]) for stage, model in result.models().items()]
-    nested: dict = {}
-    for name, value in result.metrics.items():
-        set_dotted(nested, name, value)
-    nested["seconds_total"] = result.seconds
-    nested["config"] = config
-    (out / "metrics.json").write_text(json.dumps(nested, indent=2))
+    write_metrics(out / "metrics.json", result.metrics, seconds_total=result.seconds, config=config)
     print(f"wrote {', '.join(str(p) for p in written)} and {out / 'metrics.json'}")
     print(f"final test log-likelihood (lower bound) {result.metrics['final.test.log_likelihood']:.2f} nats")
     return 0
+
+
+def write_metrics(path: Path, metrics: dict[str, float], **extra: object) -> None:
+    """Flat dotted metrics as nested, strict JSON (what `jq` and `JSON.parse` read).
+
+    A non-finite metric is written as null: AIS's lower end log(Z - 3 sigma) is -inf when the
+    spread is wider than the estimate, and Python's `-Infinity` is not JSON.
+    """
+    nested: dict = {}
+    for name, value in metrics.items():
+        set_dotted(nested, name, value if math.isfinite(value) else None)
+    nested.update(extra)
+    path.write_text(json.dumps(nested, indent=2, allow_nan=False))
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """`rbm-study run` and `rbm-study evaluate` as a user runs them (real processes, real MNIST)."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -35,6 +36,20 @@ def test_run_writes_the_lab_files_and_metrics(run_dir):
         assert {"val", "test", "log_z", "seconds_per_epoch"} <= metrics[stage].keys()
         assert {"log_likelihood", "recon_error"} <= metrics[stage]["test"].keys()
     assert "pseudo_log_likelihood" in metrics["rbm"]["val"] and "free_energy_gap" in metrics["rbm"]
+
+
+def test_metrics_json_is_strict_json_with_null_for_an_undefined_interval_end(tmp_path):
+    from core.cli import write_metrics
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    path = tmp_path / "metrics.json"
+    write_metrics(path, {"rbm.log_z": 249.75, "rbm.log_z_low": -math.inf, "rbm.log_z_high": 250.53},
+                  seconds_total=7.5, config={"seed": 0})
+    metrics = json.loads(path.read_text(), parse_constant=refuse)
+    assert metrics["rbm"] == {"log_z": 249.75, "log_z_low": None, "log_z_high": 250.53}
+    assert metrics["seconds_total"] == 7.5 and metrics["config"] == {"seed": 0}
 
 
 @pytest.mark.parametrize(("name", "method"), [("zad1_rbm.th", "exact"), ("zad2_dbn.th", "ais"),
