@@ -27,9 +27,10 @@ keeps its torch path), run on one thread per part; the sigmoid is a compiled loo
 Measured with `python -m core.bench` (interleaved rounds, medians of the ratios): a CD-1 epoch is
 1.09-1.15x faster than on the torch path on an Intel AVX-512 2-core machine (five runs), 1.12-1.41x
 on an AMD EPYC 2-core machine (five runs), both with the exponential written out (see
-`_sigmoid_row`), and was 1.06-1.24x on an older Intel 2-core machine with MKL's vsExp. On the AMD machine the step runs 1.2-1.8x faster on two threads than on
-one, swinging from minute to minute, and a pure arithmetic loop scales by 1.6x: two threads of
-these VMs are not quite two cores, and a host's busy spells slow the two-thread step most.
+`_sigmoid_row`), and was 1.06-1.24x on an older Intel 2-core machine with MKL's vsExp. On the AMD
+machine the step runs 1.2-1.8x faster on two threads than on one, swinging from minute to minute,
+and a pure arithmetic loop scales by 1.6x: two threads of these VMs are not quite two cores, and a
+host's busy spells slow the two-thread step most.
 
 Samples: as `core.rbm.FastBernoulli` draws them (16-bit uniforms, bias <= 2^-17), each part from
 SFC64 lanes of its own, so the result depends on the seed and on `PARTS`, not on how many threads
