@@ -12,7 +12,7 @@ import torch
 
 from core import evaluate, labfiles
 from core.config import LAB_KEYS, Schema, load_config, set_dotted
-from core.data import EVAL_BINARIZE_SEED, binarize_once, load_mnist
+from core.data import EVAL_BINARIZE_SEED, TEST_BINARIZE_SEED, binarize_once, load_mnist
 from core.dbn import DBN, mean_activity
 from core.errors import UserError
 from core.finetune import UpDownDBN
@@ -93,7 +93,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for but torch sees no CUDA GPU")
     data = load_mnist(args.data_dir or os.environ.get("MNIST_ROOT"), device)
-    v = binarize_once(data.split(args.split), seed=EVAL_BINARIZE_SEED if args.split == "val" else 4321)
+    v = binarize_once(data.split(args.split), seed=EVAL_BINARIZE_SEED if args.split == "val" else TEST_BINARIZE_SEED)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     ais = {"chains": args.chains, "betas": args.betas, "generator": generator}
 

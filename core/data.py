@@ -21,7 +21,8 @@ from core.rbm import FastBernoulli, bernoulli
 
 ENV_VAR = "MNIST_ROOT"
 DEFAULT_ROOT = Path("data")
-EVAL_BINARIZE_SEED = 1234
+EVAL_BINARIZE_SEED = 1234  # the validation images' one binarisation
+TEST_BINARIZE_SEED = 4321  # the test images'
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core import evaluate, labfiles
-from core.data import MNIST, Binarizer, binarize_once, load_mnist
+from core.data import MNIST, TEST_BINARIZE_SEED, Binarizer, binarize_once, load_mnist
 from core.dbn import DBN, mean_activity, train_dbn_layer
 from core.finetune import UpDownDBN, fine_tune
 from core.rbm import RBM, visible_bias_from_means
@@ -108,7 +108,7 @@ class _EvalSets:
         return cls(
             train=data.train,
             val=binarize_once(val),
-            test=binarize_once(test, seed=4321),
+            test=binarize_once(test, seed=TEST_BINARIZE_SEED),
             train_sample=binarize_once(data.train[: val.shape[0]], seed=2468),
         )
 
