@@ -34,6 +34,10 @@ METRICS: list[tuple[str, str, str]] = [
     ("rbm.test.pseudo_log_likelihood", "RBM pseudo-log-likelihood (test, nats)", "higher"),
     ("rbm.seconds_per_epoch", "seconds per RBM epoch", "lower"),
 ]
+# Salakhutdinov & Murray (ICML 2008), Table 2: MNIST test log-probability (nats) of RBMs with 500
+# hidden units, by the k of their CD-k training; AIS with 100 chains and 14,500 inverse temperatures.
+PUBLISHED_HIDDEN = 500
+PUBLISHED_LL = {1: -125.5, 3: -105.5, 25: -86.3}
 LABELS = {name: label for name, label, _ in METRICS}
 BETTER = {name: better for name, _, better in METRICS}
 CURVES = [  # (stage, per-epoch metric) drawn as learning curves
@@ -281,6 +285,29 @@ def answer_k(stats_long: pd.DataFrame, trials: pd.DataFrame) -> list[str]:
                     f"{int(trials['eval.ais_betas'].median())} inverse temperatures")
         out.append(how + ".")
     return out
+
+
+def answer_published(trials: pd.DataFrame) -> str | None:
+    """The published log-likelihoods beside this study's, where its RBMs are of the published size."""
+    ll = "rbm.test.log_likelihood"
+    if ll not in trials or "hidden" not in trials:
+        return None
+    published = ", ".join(f"{v} for CD-{k}" for k, v in PUBLISHED_LL.items())
+    text = (f"For scale: Salakhutdinov & Murray (2008) report test log-probabilities of about {published} "
+            f"for RBMs of {PUBLISHED_HIDDEN} hidden units, trained with their own recipe. ")
+    same = trials[(trials["hidden"] == PUBLISHED_HIDDEN) & trials["k"].isin(list(PUBLISHED_LL)) & trials[ll].notna()]
+    if same.empty:
+        sizes = ", ".join(str(int(h)) for h in sorted(trials["hidden"].dropna().unique()))
+        return text + (f"This study's RBMs have {sizes or 'other numbers of'} hidden units or other k, so compare "
+                       "how the log-likelihood changes with k, not its level.")
+    cells = []
+    for k, group in same.groupby("k", sort=True):
+        values = group[ll]
+        low, high = t_interval(values)
+        spread = f" [{fmt(low)}, {fmt(high)}]" if not math.isnan(low) else ""
+        trials_text = f"{len(values)} trial{'' if len(values) == 1 else 's'}"
+        cells.append(f"k={int(k)}: {fmt(values.mean())}{spread} ({trials_text}; published {PUBLISHED_LL[int(k)]})")
+    return text + f"This study's {PUBLISHED_HIDDEN}-unit RBMs: " + "; ".join(cells) + "."
 
 
 def answer_dbn(trials: pd.DataFrame, samples: pd.DataFrame) -> list[str]:

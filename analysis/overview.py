@@ -37,6 +37,7 @@ def trials_table(trials: pd.DataFrame, finals: pd.DataFrame) -> pd.DataFrame:
             "trial_id": int(t.id), "number": int(t.number), "state": t.state,
             "k": _get(config, "rbm.cd_k", params.get("rbm.cd_k")),
             "persistent": _get(config, "rbm.persistent", None),
+            "hidden": _get(config, "rbm.hidden_size", params.get("rbm.hidden_size")),
             "seed": _get(config, "seed", params.get("seed")),
             "objective": t.objective_value, "seconds": duration, "node": t.node, "attempt": t.attempt,
             "error": _last_line(t.error),

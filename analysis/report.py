@@ -244,6 +244,9 @@ def _kcomparison(
     doc.text("**1. What changes when k in CD-k grows?**")
     for paragraph in kcompare.answer_k(stats_long, done):
         doc.text(paragraph)
+    published = kcompare.answer_published(done)
+    if published:
+        doc.text(published)
     doc.text("**2. DBN samples against RBM samples.**")
     answers = kcompare.answer_dbn(done, samples)
     if not answers:

@@ -116,6 +116,7 @@ def test_written_answer_uses_the_database_numbers(report_dir: Path, study_db: Pa
     diff = (expected["dbn.test.log_likelihood"] - expected["rbm.test.log_likelihood"]).mean()
     assert f"{kcompare.fmt(diff)} nats on average" in report
     assert "What changes when k in CD-k grows?" in report and "DBN samples against RBM samples" in report
+    assert "For scale: Salakhutdinov & Murray (2008)" in report and "not its level" in report
 
 
 def test_trials_csv_and_overview(report_dir: Path, study_db: Path):
