@@ -17,6 +17,11 @@ to add up the partial products S_p = v_p W_p of the hidden units' inputs:
     5. [parts]  W_p <- decay W_p + lr/N (v0_p' ph0 - vk_p' phk)
                 a_p += lr/N colsum(v0_p - vk_p);  b_p += lr/N colsum(ph0 - phk)  (b's own block)
 
+With momentum m the step goes through the velocities (U, c, d) instead, as the torch path does:
+
+    5. [parts]  U_p <- m U_p + lr/N (v0_p' ph0 - vk_p' phk) - lr wd W_p;  W_p += U_p
+                c_p <- m c_p + lr/N colsum(v0_p - vk_p);  a_p += c_p  (d and b likewise)
+
 which is the update of `core.train` (CD-k with probabilities for the hidden statistics, samples
 driving the chain), computed in a different order. [parts] and [rows] are loops over the parts that
 numba runs in parallel; in [rows] each part takes a block of the minibatch's rows (the hidden side
@@ -190,17 +195,37 @@ def _squared_error(p: np.ndarray, v: np.ndarray, ld: int, rows: int, c0: int, c1
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def _column_step(
-    x: np.ndarray, y: np.ndarray, ld: int, rows: int, c0: int, c1: int, scale: float, out: np.ndarray
-) -> None:
-    """out[c] += scale * sum_r (x[r, c] - y[r, c]) for c in c0..c1: a bias update."""
+    x: np.ndarray, y: np.ndarray, ld: int, rows: int, c0: int, c1: int, scale: float, out: np.ndarray,
+    momentum: float, velocity: np.ndarray,
+) -> None:  # fmt: skip
+    """A bias update for c in c0..c1 from g[c] = sum_r (x[r, c] - y[r, c]):
+
+    out[c] += scale g[c], or with momentum: velocity[c] <- momentum velocity[c] + scale g[c];
+    out[c] += velocity[c].
+    """
     total = np.zeros(c1 - c0, dtype=np.float32)
     for r in range(rows):
         x_row, y_row = x[r * ld + c0 : r * ld + c1], y[r * ld + c0 : r * ld + c1]
         for j in range(c1 - c0):
             total[j] += x_row[j] - y_row[j]
     part = out[c0:c1]
+    if momentum == 0.0:
+        for j in range(c1 - c0):
+            part[j] += scale * total[j]
+        return
+    m, speed = np.float32(momentum), velocity[c0:c1]
     for j in range(c1 - c0):
-        part[j] += scale * total[j]
+        speed[j] = m * speed[j] + scale * total[j]
+        part[j] += speed[j]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _apply_velocity(W: np.ndarray, velocity: np.ndarray, shrink: float) -> None:
+    """velocity -= shrink W (weight decay, shrink = lr wd), then W += velocity: a block of rows of W."""
+    s = np.float32(shrink)
+    for j in range(W.shape[0]):
+        velocity[j] -= s * W[j]
+        W[j] += velocity[j]
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -253,6 +278,10 @@ def cd_step(
     lanes: np.ndarray,
     scratch: np.ndarray,
     work: np.ndarray,
+    momentum: float,
+    velocity_W: np.ndarray,
+    velocity_a: np.ndarray,
+    velocity_b: np.ndarray,
 ) -> float:
     """One CD-k update of (W, a, b) in place from the binary minibatch v0 [n, V] (module docstring).
 
@@ -260,8 +289,9 @@ def cd_step(
     decay = 1 - lr * weight_decay. Writes ph0 and phk (p(h|v0), p(h|vk)), h (the last hidden
     sample), pv (p(v|h) of the last Gibbs step) and vk (its sample); `partial` [parts, n, H] holds
     the S_p, `lanes` [parts, 4, LANES], `scratch` [parts, words, LANES] and `work` [parts, 2 width]
-    each part's random state, random words and sigmoid scratch rows. Returns the summed squared
-    reconstruction error, sum((p(v|h0) - v0)^2).
+    each part's random state, random words and sigmoid scratch rows. With momentum > 0 the
+    velocities (shaped as W, a and b) are updated and added instead; without, they are not read.
+    Returns the summed squared reconstruction error, sum((p(v|h0) - v0)^2).
     """
     parts = lanes.shape[0]
     V, H = a.shape[0], b.shape[0]
@@ -292,13 +322,21 @@ def cd_step(
     for p in prange(parts):  # 5
         previous = _set_mkl_threads(1)
         c0, c1 = _cut(V, p, parts)
-        W_p = _address(W, c0 * H)
-        _gemm(True, False, c1 - c0, H, n, scale, _address(v0, c0), V, _address(ph0, 0), H, decay, W_p, H)
-        _gemm(True, False, c1 - c0, H, n, -scale, _address(vk, c0), V, _address(phk, 0), H, 1.0, W_p, H)
+        if momentum == 0.0:  # straight into W: W_p <- decay W_p + scale (v0_p' ph0 - vk_p' phk)
+            target, keep = _address(W, c0 * H), decay
+        else:  # into the velocity: U_p <- momentum U_p + scale (...), then decay and W_p += U_p below
+            target, keep = _address(velocity_W, c0 * H), momentum
+        _gemm(True, False, c1 - c0, H, n, scale, _address(v0, c0), V, _address(ph0, 0), H, keep, target, H)
+        _gemm(True, False, c1 - c0, H, n, -scale, _address(vk, c0), V, _address(phk, 0), H, 1.0, target, H)
         _set_mkl_threads(previous)
-        _column_step(v0, vk, V, n, c0, c1, scale, a)
-        _column_step(ph0, phk, H, n, *_cut(H, p, parts), scale, b)
+        if momentum != 0.0:
+            _apply_velocity(W[c0 * H : c1 * H], velocity_W[c0 * H : c1 * H], 1.0 - decay)
+        _column_step(v0, vk, V, n, c0, c1, scale, a, momentum, velocity_a)
+        _column_step(ph0, phk, H, n, *_cut(H, p, parts), scale, b, momentum, velocity_b)
     return squared_error.sum()
+
+
+_NO_VELOCITY = np.empty(0, dtype=np.float32)  # without momentum the step reads no velocity
 
 
 def _start_numba_threads() -> None:
@@ -338,20 +376,25 @@ class CDStep:
         self._flat_buffers = tuple(kernels.flat(t) for t in (self.ph0, self.phk, self.h, self.pv))
 
     def __call__(
-        self, v0: torch.Tensor, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int, lr: float, decay: float
-    ) -> tuple[torch.Tensor, float]:
+        self, v0: torch.Tensor, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int, lr: float, decay: float,
+        momentum: float = 0.0, velocity: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, float]:  # fmt: skip
         """CD-k on (W, a, b) in place at learning rate lr and weight decay `decay`.
 
+        With `momentum` > 0, `velocity` holds the velocities of (W, a, b), updated in place.
         Returns (vk, the summed squared reconstruction error); p(h|v0), p(h|vk), the last hidden
         sample and p(v|h) stay in `ph0`, `phk`, `h` and `pv` until the next call.
         """
+        if momentum and velocity is None:
+            raise ValueError("momentum needs the velocities of W, a and b")
         n, (V, H) = v0.shape[0], W.shape
         self._buffers(n, V, H)
         vk = torch.empty(n, V)  # a new tensor: it outlives the step (the trainer's last_negative)
         numba.set_num_threads(max(1, min(self.parts, torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         flat = kernels.flat
+        speeds = tuple(flat(t) for t in velocity) if momentum else (_NO_VELOCITY,) * 3
         error = cd_step(
             flat(v0), flat(W), flat(a), flat(b), n, k, lr / n, 1.0 - lr * decay, *self._flat_buffers, flat(vk),
-            self.partial, self.lanes, self.scratch, self.work,
+            self.partial, self.lanes, self.scratch, self.work, momentum, *speeds,
         )  # fmt: skip
         return vk, error

@@ -10,13 +10,15 @@ def test_quick_bench_prints_times_ratios_and_the_sgemm_reference(mnist_dir, caps
     out = capsys.readouterr().out
     rows = {}
     ours, torch_path = "ours (core.train, CD-1)", "torch path of core.train (CD-1)"
-    for name in (ours, torch_path, "plain torch loop (CD-1)", "ours (core.train, CD-25)"):
+    momentum = "ours with momentum 0.9 (CD-1)"
+    for name in (ours, momentum, torch_path, "plain torch loop (CD-1)", "ours (core.train, CD-25)"):
         line = next(line for line in out.splitlines() if line.startswith(name))
         rows[name] = [float(v) for v in re.findall(r"\d+\.\d+", line[len(name):])]
     seconds, _low, _high, vs_ours, gflops = rows[ours][:5]
     assert vs_ours == 1.0 and seconds > 0 and gflops > 0
     assert rows["plain torch loop (CD-1)"][3] > 0  # its time over ours, within the round
     assert rows[torch_path][3] > 0  # the trainer without core.cdstep
+    assert rows[momentum][3] > 0
     assert re.search(r"of sgemm", out) and re.search(r"CD-1 mix \(5 products\)\s+\d+\.\d", out)
     assert re.search(r"CD-25 mix \(53 products\)\s+\d+\.\d", out)
     assert "to prepare the 10,000 images' binary copy" in out

@@ -114,10 +114,36 @@ def test_the_trainer_takes_the_compiled_step_for_plain_cd_on_the_cpu():
     plain = CDTrainer(rbm.clone(), CDSettings(cd_k=2), torch.Generator().manual_seed(0))
     plain.step(v0)
     assert plain._compiled_step is not None and plain.last_negative.shape == v0.shape
-    for settings in (CDSettings(persistent=True), CDSettings(momentum=0.5)):
-        other = CDTrainer(rbm.clone(), settings, torch.Generator().manual_seed(0))
-        other.step(v0)
-        assert other._compiled_step is None
+    with_momentum = CDTrainer(rbm.clone(), CDSettings(momentum=0.5), torch.Generator().manual_seed(0))
+    with_momentum.step(v0)
+    assert with_momentum._compiled_step is not None and with_momentum.velocity is not None
+    persistent = CDTrainer(rbm.clone(), CDSettings(persistent=True), torch.Generator().manual_seed(0))
+    persistent.step(v0)
+    assert persistent._compiled_step is None  # PCD keeps the torch path
+
+
+@pytest.mark.parametrize(("V", "H", "k", "weight_decay"), [(784, 100, 1, 2e-4), (13, 5, 2, 0.01)])
+def test_momentum_steps_follow_the_velocity_rule_given_their_samples(V: int, H: int, k: int, weight_decay: float):
+    """Three steps: U <- m U + lr/N (v0' ph0 - vk' phk) - lr wd W, W += U; c, d and a, b likewise."""
+    rbm, v0 = model(V, H)
+    lr, m, n = 0.3, 0.9, len(v0)
+    step = cdstep.CDStep(torch.Generator().manual_seed(1))
+    W, a, b = rbm.W.clone(), rbm.a.clone(), rbm.b.clone()
+    velocity = (torch.zeros_like(W), torch.zeros_like(a), torch.zeros_like(b))
+    want_U, want_c, want_d = (torch.zeros_like(t) for t in velocity)
+    for _ in range(3):
+        before = RBM(W.clone(), a.clone(), b.clone())
+        vk, _ = step(v0, W, a, b, k, lr, weight_decay, m, velocity)
+        assert torch.allclose(step.ph0, before.p_h(v0), atol=1e-6)
+        want_U = m * want_U + lr * (v0.T @ step.ph0 - vk.T @ step.phk) / n - lr * weight_decay * before.W
+        want_c = m * want_c + lr * (v0 - vk).mean(0)
+        want_d = m * want_d + lr * (step.ph0 - step.phk).mean(0)
+        for got, want in zip(velocity, (want_U, want_c, want_d), strict=True):
+            assert torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(W, before.W + velocity[0], atol=1e-6)
+        assert torch.allclose(a, before.a + velocity[1], atol=1e-6)
+        assert torch.allclose(b, before.b + velocity[2], atol=1e-6)
+        want_U, want_c, want_d = (t.clone() for t in velocity)  # follow the step's own float32 rounding
 
 
 def test_the_compiled_step_leaves_torchs_thread_count_alone():

@@ -94,12 +94,13 @@ def test_training_raises_exact_log_likelihood(persistent: bool):
     assert after < 0
 
 
-def test_momentum_and_weight_decay_follow_the_velocity_rule():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_momentum_and_weight_decay_follow_the_velocity_rule(compiled: bool):
     rbm, data = tiny_rbm(seed=7), patterns(40)
     settings = CDSettings(cd_k=1, learning_rate=0.5, momentum=0.9, weight_decay=0.01)
-    # momentum has only the torch path; the plain step takes it too, to draw the same random numbers
-    plain = cd_update(rbm, data, CDSettings(cd_k=1, learning_rate=0.5), seed=3, compiled=False)
-    with_extras = cd_update(rbm, data, settings, seed=3)
+    # the plain step takes the same path, to draw the same random numbers
+    plain = cd_update(rbm, data, CDSettings(cd_k=1, learning_rate=0.5), seed=3, compiled=compiled)
+    with_extras = cd_update(rbm, data, settings, seed=3, compiled=compiled)
     # first step: velocity = lr * (grad - wd * W), same random numbers, so the difference is -lr*wd*W
     assert torch.allclose(with_extras[0] - plain[0], -0.5 * 0.01 * rbm.W, atol=1e-6)
     assert torch.allclose(with_extras[1], plain[1]) and torch.allclose(with_extras[2], plain[2])
