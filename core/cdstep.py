@@ -30,7 +30,7 @@ carries (found by name in libtorch_cpu; where it is missing, `available()` is Fa
 keeps its torch path), run on one thread per part; the sigmoid is a compiled loop of its own.
 
 Measured with `python -m core.bench` (interleaved rounds, medians of the ratios): a CD-1 epoch is
-1.09-1.15x faster than on the torch path on an Intel AVX-512 2-core machine (five runs), 1.12-1.41x
+1.08-1.15x faster than on the torch path on an Intel AVX-512 2-core machine (ten runs), 1.12-1.41x
 on an AMD EPYC 2-core machine (five runs), both with the exponential written out (see
 `_sigmoid_row`), and was 1.06-1.24x on an older Intel 2-core machine with MKL's vsExp. On the AMD
 machine the step runs 1.2-1.8x faster on two threads than on one, swinging from minute to minute,
