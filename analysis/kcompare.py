@@ -24,6 +24,7 @@ from scipy import stats
 
 from analysis import figures
 from analysis.figures import FigureFile
+from core import evaluate
 
 # (final metric, what it is, which direction is better)
 METRICS: list[tuple[str, str, str]] = [
@@ -34,10 +35,8 @@ METRICS: list[tuple[str, str, str]] = [
     ("rbm.test.pseudo_log_likelihood", "RBM pseudo-log-likelihood (test, nats)", "higher"),
     ("rbm.seconds_per_epoch", "seconds per RBM epoch", "lower"),
 ]
-# Salakhutdinov & Murray (ICML 2008), Table 2: MNIST test log-probability (nats) of RBMs with 500
-# hidden units, by the k of their CD-k training; AIS with 100 chains and 14,500 inverse temperatures.
-PUBLISHED_HIDDEN = 500
-PUBLISHED_LL = {1: -125.5, 3: -105.5, 25: -86.3}
+# Salakhutdinov & Murray's (2008) published test log-likelihoods, by k, of RBMs of one size
+PUBLISHED_HIDDEN, PUBLISHED_LL = evaluate.PAPER_HIDDEN, evaluate.PAPER_TEST_LL
 LABELS = {name: label for name, label, _ in METRICS}
 BETTER = {name: better for name, _, better in METRICS}
 CURVES = [  # (stage, per-epoch metric) drawn as learning curves

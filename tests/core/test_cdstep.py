@@ -130,20 +130,19 @@ def test_momentum_steps_follow_the_velocity_rule_given_their_samples(V: int, H: 
     step = cdstep.CDStep(torch.Generator().manual_seed(1))
     W, a, b = rbm.W.clone(), rbm.a.clone(), rbm.b.clone()
     velocity = (torch.zeros_like(W), torch.zeros_like(a), torch.zeros_like(b))
-    want_U, want_c, want_d = (torch.zeros_like(t) for t in velocity)
     for _ in range(3):
         before = RBM(W.clone(), a.clone(), b.clone())
+        U, c, d = (t.clone() for t in velocity)  # each step checked from the velocities it was given
         vk, _ = step(v0, W, a, b, k, lr, weight_decay, m, velocity)
         assert torch.allclose(step.ph0, before.p_h(v0), atol=1e-6)
-        want_U = m * want_U + lr * (v0.T @ step.ph0 - vk.T @ step.phk) / n - lr * weight_decay * before.W
-        want_c = m * want_c + lr * (v0 - vk).mean(0)
-        want_d = m * want_d + lr * (step.ph0 - step.phk).mean(0)
+        want_U = m * U + lr * (v0.T @ step.ph0 - vk.T @ step.phk) / n - lr * weight_decay * before.W
+        want_c = m * c + lr * (v0 - vk).mean(0)
+        want_d = m * d + lr * (step.ph0 - step.phk).mean(0)
         for got, want in zip(velocity, (want_U, want_c, want_d), strict=True):
             assert torch.allclose(got, want, atol=1e-5)
         assert torch.allclose(W, before.W + velocity[0], atol=1e-6)
         assert torch.allclose(a, before.a + velocity[1], atol=1e-6)
         assert torch.allclose(b, before.b + velocity[2], atol=1e-6)
-        want_U, want_c, want_d = (t.clone() for t in velocity)  # follow the step's own float32 rounding
 
 
 def test_the_compiled_step_leaves_torchs_thread_count_alone():

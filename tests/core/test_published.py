@@ -24,8 +24,7 @@ from core.data import TEST_BINARIZE_SEED, binarize_once, load_mnist
 from core.rbm import RBM, visible_bias_from_means
 from core.train import CDSettings, train_rbm
 
-PUBLISHED_CD1_500 = -125.5
-PUBLISHED_CD3_500 = -105.5
+PUBLISHED_CD1_500, PUBLISHED_CD3_500 = evaluate.PAPER_TEST_LL[1], evaluate.PAPER_TEST_LL[3]
 
 
 @pytest.mark.slow
@@ -33,7 +32,7 @@ def test_cd1_on_784_500_lands_on_the_published_log_likelihood(mnist_dir):
     data = load_mnist(mnist_dir)
     pixel_bias = visible_bias_from_means(data.train.mean(dim=0))
     generator = torch.Generator().manual_seed(0)
-    rbm = RBM.init(784, 500, generator, visible_bias=pixel_bias)
+    rbm = RBM.init(784, evaluate.PAPER_HIDDEN, generator, visible_bias=pixel_bias)
     settings = CDSettings(cd_k=1, learning_rate=0.01, momentum=0.9, weight_decay=2e-4, epochs=100)
     train_rbm(rbm, data.train, settings, generator)
 
