@@ -23,10 +23,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-
-from core.dbn import DBN
-from core.finetune import UpDownDBN
-from core.rbm import RBM, bernoulli
+from rbm_study.core.dbn import DBN
+from rbm_study.core.finetune import UpDownDBN
+from rbm_study.core.rbm import RBM, bernoulli
 
 GIBBS_STEPS = 1000  # Gibbs rounds before a sample is shown (the handout used 50 for the RBM, 1000 for the DBN)
 SAMPLE_SEED = 2024  # the random hidden states every sample figure starts from

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-
-from analysis.figures import FigureFile
+from rbm_study.analysis.figures import FigureFile
 
 
 @dataclass

@@ -20,11 +20,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from rbm_study.analysis import figures
+from rbm_study.analysis.figures import FigureFile
+from rbm_study.core import evaluate
 from scipy import stats
-
-from analysis import figures
-from analysis.figures import FigureFile
-from core import evaluate
 
 # (final metric, what it is, which direction is better)
 METRICS: list[tuple[str, str, str]] = [

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from rbm_study.core.errors import UserError
+from rbm_study.study.schema import APP_NAME, SCHEMA_VERSION
 from sqlalchemy import create_engine, text
-
-from core.errors import UserError
-from study.schema import APP_NAME, SCHEMA_VERSION
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 OUR_TABLES = ("rbm_meta", "rbm_studies", "rbm_trials", "rbm_epoch_metrics", "rbm_final_metrics")

@@ -14,9 +14,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-
-from analysis import figures
-from analysis.figures import FigureFile
+from rbm_study.analysis import figures
+from rbm_study.analysis.figures import FigureFile
 
 KEY_METRICS = (
     "rbm.test.log_likelihood", "dbn.test.log_likelihood", "finetune.test.log_likelihood",

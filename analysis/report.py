@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
-from analysis import figures, kcompare, overview
-from analysis.html import Document, write
-from analysis.load import Snapshot, open_snapshot
-from core import labfiles
-from core.errors import UserError
+from rbm_study.analysis import figures, kcompare, overview
+from rbm_study.analysis.html import Document, write
+from rbm_study.analysis.load import Snapshot, open_snapshot
+from rbm_study.core import labfiles
+from rbm_study.core.errors import UserError
 
 MAX_SAMPLED_TRIALS = 60  # trials whose samples enter the sample statistics (best first)
 
@@ -30,7 +29,7 @@ def load_test_digits(
 
     MNIST is looked for as `rbm-study run` does: `data_dir` (--data-dir), the trial config's
     data.root, $MNIST_ROOT, ./data."""
-    from core.data import ENV_VAR, binarize_once, has_mnist, load_mnist
+    from rbm_study.core.data import ENV_VAR, binarize_once, has_mnist, load_mnist
 
     candidates = []
     configured = (config.get("data") or {}).get("root") if isinstance(config, dict) else None

@@ -38,11 +38,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-
-from core.data import Binarizer, load_mnist
-from core.errors import UserError
-from core.rbm import RBM
-from core.train import CDSettings, CDTrainer
+from rbm_study.core.data import Binarizer, load_mnist
+from rbm_study.core.errors import UserError
+from rbm_study.core.rbm import RBM
+from rbm_study.core.train import CDSettings, CDTrainer
 
 N_IMAGES = 60_000
 Data = TypeVar("Data")  # what a contender's epoch takes: grey images, or our Binarizer of them

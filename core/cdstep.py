@@ -52,8 +52,7 @@ import numba
 import numpy as np
 import torch
 from numba import prange, types
-
-from core import kernels
+from rbm_study.core import kernels
 
 PARTS = 2
 """Column blocks of the visible units: fixed, so that the same seed gives the same weights anywhere."""

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from core.errors import UserError
+from rbm_study.core.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -211,15 +210,34 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def bundled_configs() -> dict[str, Path]:
+    """The configs that ship inside the package (`rbm_study.configs`), by name: lab, quick, ..."""
+    from importlib.resources import files
+
+    folder = files("rbm_study.configs")
+    return {Path(item.name).stem: Path(str(item)) for item in folder.iterdir() if item.name.endswith(".yaml")}
+
+
+def config_path(name: str | Path) -> Path:
+    """A config file: an existing path as given, else a bundled config by name (`quick`, `lab.yaml`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = bundled_configs()
+    if path.parent == Path(".") and path.stem in bundled and path.suffix in ("", ".yaml"):
+        return bundled[path.stem]
+    raise ConfigError(
+        f"config file {path} does not exist; pass a YAML file or a bundled config: {', '.join(sorted(bundled))}"
+    )
+
+
 def load_config(
     path: str | Path | None, overrides: Iterable[str] = (), schema: Schema = LAB_KEYS
 ) -> dict:
     """Defaults, then the YAML file, then `--set` overrides; validated against `schema`."""
     config = schema.defaults()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/lab.yaml")
+        path = config_path(path)
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from core.errors import UserError
-from core.rbm import FastBernoulli, bernoulli
+from rbm_study.core.errors import UserError
+from rbm_study.core.rbm import FastBernoulli, bernoulli
 
 ENV_VAR = "MNIST_ROOT"
 DEFAULT_ROOT = Path("data")

@@ -17,10 +17,9 @@ import itertools
 from collections.abc import Callable
 
 import torch
-
-from core.data import Binarizer
-from core.rbm import RBM, FastBernoulli, bernoulli, visible_bias_from_means
-from core.train import CDSettings, EpochCallback, train_rbm
+from rbm_study.core.data import Binarizer
+from rbm_study.core.rbm import RBM, FastBernoulli, bernoulli, visible_bias_from_means
+from rbm_study.core.train import CDSettings, EpochCallback, train_rbm
 
 
 class DBN:

@@ -67,9 +67,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from core.finetune import UpDownDBN
-from core.rbm import RBM, bernoulli
+from rbm_study.core.finetune import UpDownDBN
+from rbm_study.core.rbm import RBM, bernoulli
 
 MAX_EXACT_UNITS = 24
 """Largest layer `exact_log_z` will enumerate (2^24 states)."""

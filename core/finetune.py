@@ -21,11 +21,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-
-from core.data import Binarizer, minibatches
-from core.dbn import DBN
-from core.rbm import RBM, FastBernoulli, bernoulli
-from core.train import CDSettings, CDTrainer, EpochCallback
+from rbm_study.core.data import Binarizer, minibatches
+from rbm_study.core.dbn import DBN
+from rbm_study.core.rbm import RBM, FastBernoulli, bernoulli
+from rbm_study.core.train import CDSettings, CDTrainer, EpochCallback
 
 
 @dataclass

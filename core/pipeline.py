@@ -27,14 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from rbm_study.core import evaluate, labfiles
+from rbm_study.core.data import MNIST, TEST_BINARIZE_SEED, Binarizer, binarize_once, load_mnist
+from rbm_study.core.dbn import DBN, mean_activity, train_dbn_layer
+from rbm_study.core.finetune import UpDownDBN, fine_tune
+from rbm_study.core.rbm import RBM, visible_bias_from_means
+from rbm_study.core.train import CDSettings, train_rbm
 from tqdm.auto import tqdm
-
-from core import evaluate, labfiles
-from core.data import MNIST, TEST_BINARIZE_SEED, Binarizer, binarize_once, load_mnist
-from core.dbn import DBN, mean_activity, train_dbn_layer
-from core.finetune import UpDownDBN, fine_tune
-from core.rbm import RBM, visible_bias_from_means
-from core.train import CDSettings, train_rbm
 
 STAGES = ("rbm", "dbn", "finetune")
 StageEpochCallback = Callable[[str, int, dict[str, float]], None]
@@ -87,7 +86,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from core.errors import UserError
+        from rbm_study.core.errors import UserError
 
         raise UserError("device cuda asked for but torch sees no CUDA GPU; use --device cpu")
     return torch.device(name)

@@ -22,8 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from core import kernels
+from rbm_study.core import kernels
 
 
 class RBM:

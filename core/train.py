@@ -19,10 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-
-from core import cdstep
-from core.data import Binarizer
-from core.rbm import RBM, FastBernoulli
+from rbm_study.core import cdstep
+from rbm_study.core.data import Binarizer
+from rbm_study.core.rbm import RBM, FastBernoulli
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 """Called after each epoch with (epoch number from 1, metrics of that epoch)."""

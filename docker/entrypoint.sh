@@ -40,25 +40,25 @@ need_head() {
 case "$role" in
   head)
     export RBM_STUDY_NODE="${RBM_STUDY_NODE:-head-$(hostname)}"
-    exec "$PYTHON" -m study.raynode start --head --block --port "${RAY_PORT:-6379}" \
+    exec "$PYTHON" -m rbm_study.study.raynode start --head --block --port "${RAY_PORT:-6379}" \
       --include-dashboard "${RAY_DASHBOARD:-false}" "${node_args[@]}" "$@"
     ;;
   worker)
     need_head
     export RBM_STUDY_NODE="${RBM_STUDY_NODE:-worker-$(hostname)}"
-    exec "$PYTHON" -m study.raynode start --block --address "$RAY_HEAD" "${node_args[@]}" "$@"
+    exec "$PYTHON" -m rbm_study.study.raynode start --block --address "$RAY_HEAD" "${node_args[@]}" "$@"
     ;;
   driver)
     need_head
     if [ "${RBM_STUDY_DRIVER_NODE:-1}" = "1" ]; then
       # A driver needs a Ray node on its own IP; a 0-CPU one runs no trials.
-      "$PYTHON" -m study.raynode start --address "$RAY_HEAD" --node-ip-address "$NODE_IP" \
+      "$PYTHON" -m rbm_study.study.raynode start --address "$RAY_HEAD" --node-ip-address "$NODE_IP" \
         --num-cpus 0 --num-gpus 0 --disable-usage-stats
     fi
     case "${1:-}" in
       launch|resume) set -- "$@" --address "$RAY_HEAD" ;;
     esac
-    exec "$PYTHON" -m study "$@"
+    exec "$PYTHON" -m rbm_study "$@"
     ;;
   ""|-h|--help)
     sed -n '2,22p' "$0"

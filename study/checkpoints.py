@@ -51,7 +51,7 @@ EpochRow = tuple[str, int, dict[str, float]]  # stage, epoch (from 1), that epoc
 
 def config_key(lab: dict) -> str:
     """SHA-256 hex of a lab config as canonical JSON, `device` resolved (see the module docstring)."""
-    from core.pipeline import resolve_device
+    from rbm_study.core.pipeline import resolve_device
 
     resolved = {**lab, "device": resolve_device(lab["device"]).type}
     text = json.dumps(resolved, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

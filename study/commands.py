@@ -10,33 +10,10 @@ import argparse
 from pathlib import Path
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    launch = subparsers.add_parser("launch", help="start a study: many trials on Ray, one SQLite database")
-    launch.add_argument("config", help="YAML config, e.g. configs/quick.yaml")
-    launch.add_argument("--db", required=True, help="SQLite database file (created if missing)")
-    launch.add_argument("--name", help="study name (default: the config file's name)")
-    launch.add_argument("--address", help="join this Ray cluster (host:port); default: start a local one")
-    launch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    launch.add_argument("--quiet", action="store_true", help="no progress lines while it runs")
-    launch.set_defaults(func=launch_command)
-
-    resume = subparsers.add_parser("resume", help="finish a study whose driver stopped or died")
-    resume.add_argument("--db", required=True, help="the study's SQLite database")
-    resume.add_argument("--name", help="study name (needed when the file holds several)")
-    resume.add_argument("--address", help="join this Ray cluster (host:port); default: start a local one")
-    resume.add_argument("--quiet", action="store_true", help="no progress lines while it runs")
-    resume.set_defaults(func=resume_command)
-
-    status = subparsers.add_parser("status", help="a study's state, from the database alone")
-    status.add_argument("--db", required=True, help="the study's SQLite database")
-    status.add_argument("--name", help="study name (needed when the file holds several)")
-    status.set_defaults(func=status_command)
-
-
 def launch_command(args: argparse.Namespace) -> int:
-    from study import driver
-    from study.config import load_study_config
-    from study.storage import StudyStorage
+    from rbm_study.study import driver
+    from rbm_study.study.config import load_study_config
+    from rbm_study.study.storage import StudyStorage
 
     study = load_study_config(args.config, args.set)
     name = args.name or Path(args.config).stem
@@ -51,14 +28,14 @@ def launch_command(args: argparse.Namespace) -> int:
 
 
 def resume_command(args: argparse.Namespace) -> int:
-    from study import driver
+    from rbm_study.study import driver
 
     return driver.resume(Path(args.db), args.name, args.address, progress=not args.quiet)
 
 
 def status_command(args: argparse.Namespace) -> int:
-    from study.progress import render_status
-    from study.storage import StudyStorage
+    from rbm_study.study.progress import render_status
+    from rbm_study.study.storage import StudyStorage
 
     storage = StudyStorage(Path(args.db), readonly=True)
     print(render_status(storage, args.name))

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from core.config import (
+from rbm_study.core.config import (
     LAB_KEYS,
     ConfigError,
     Key,

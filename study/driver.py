@@ -34,10 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.data import ENV_VAR as MNIST_ENV
-from core.errors import UserError
-from study.config import STUDY_SECTIONS, StudyConfig, check_study_config
-from study.storage import FINISHED_STATES, StudyInfo, StudyStorage
+from rbm_study.core.data import ENV_VAR as MNIST_ENV
+from rbm_study.core.errors import UserError
+from rbm_study.study.config import STUDY_SECTIONS, StudyConfig, check_study_config
+from rbm_study.study.storage import FINISHED_STATES, StudyInfo, StudyStorage
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ def start_ray(address: str | None, study: StudyConfig) -> str:
     for key, value in _TUNE_ENV.items():
         os.environ.setdefault(key, value)
     import ray
-
-    from study.raynode import is_loopback_address, keep_loopback
+    from rbm_study.study.raynode import is_loopback_address, keep_loopback
 
     keep_loopback()
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -157,10 +156,9 @@ def _error_text(trial: Any) -> str:
 def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyConfig, searcher: Any):
     from optuna.trial import TrialState
     from ray.tune import Callback
-
-    from study.checkpoints import find_store, forget_blobs, receive_blob
-    from study.search import objective_values
-    from study.trainable import trial_params
+    from rbm_study.study.checkpoints import find_store, forget_blobs, receive_blob
+    from rbm_study.study.search import objective_values
+    from rbm_study.study.trainable import trial_params
 
     searched = [p.key for p in study.params]
     asha = study.config["search"]["scheduler"] == "asha"
@@ -318,7 +316,7 @@ def resume(db: Path, name: str | None, address: str | None, progress: bool = Tru
 
 def run_study(storage: StudyStorage, info: StudyInfo, study: StudyConfig, address: str | None,
               progress: bool = True) -> int:
-    from study.search import StudySearch, optuna_storage, reconcile
+    from rbm_study.study.search import StudySearch, optuna_storage, reconcile
 
     interrupted = storage.interrupt_running(info.id)
     trials = storage.trials(info.id)
@@ -336,10 +334,9 @@ def run_study(storage: StudyStorage, info: StudyInfo, study: StudyConfig, addres
     where = start_ray(address, study)
     import ray
     from ray import tune
-
-    from study.checkpoints import start_store
-    from study.progress import ProgressCallback, summary_line
-    from study.trainable import run_trial
+    from rbm_study.study.checkpoints import start_store
+    from rbm_study.study.progress import ProgressCallback, summary_line
+    from rbm_study.study.trainable import run_trial
 
     started = time.perf_counter()
     try:

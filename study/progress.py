@@ -12,8 +12,7 @@ import time
 from typing import TextIO
 
 from ray.tune import Callback
-
-from study.storage import FINISHED_STATES, StudyInfo, StudyStorage, TrialInfo
+from rbm_study.study.storage import FINISHED_STATES, StudyInfo, StudyStorage, TrialInfo
 
 
 def trial_epochs(study: StudyInfo, trial: TrialInfo) -> dict[str, int]:

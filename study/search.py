@@ -24,9 +24,8 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.samplers import BaseSampler, GridSampler, RandomSampler, TPESampler
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
-
-from study.config import Param, StudyConfig
-from study.storage import TrialInfo
+from rbm_study.study.config import Param, StudyConfig
+from rbm_study.study.storage import TrialInfo
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -24,12 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
-
-from core.errors import UserError
-from study.schema import (
+from rbm_study.core.errors import UserError
+from rbm_study.study.schema import (
     APP_NAME,
     SCHEMA_VERSION,
     TRIAL_STATES,
@@ -42,6 +38,9 @@ from study.schema import (
     Trial,
     Weights,
 )
+from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 30_000

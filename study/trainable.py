@@ -36,9 +36,9 @@ import socket
 import traceback
 from typing import Any
 
-from core.errors import UserError
-from study.checkpoints import EpochRow, config_key, find_store, pack, send_blob, store_get, store_put, unpack
-from study.config import StudyConfig
+from rbm_study.core.errors import UserError
+from rbm_study.study.checkpoints import EpochRow, config_key, find_store, pack, send_blob, store_get, store_put, unpack
+from rbm_study.study.config import StudyConfig
 
 NODE_ENV = "RBM_STUDY_NODE"  # optional human name of a node, set by docker/entrypoint.sh
 
@@ -62,8 +62,7 @@ def run_trial(config: dict[str, Any], study_config: dict | None = None, searched
     """The function Tune calls. `config` holds the searched values under their dotted keys."""
     import torch
     from ray import tune
-
-    from core.pipeline import STAGES, LabCheckpoint, run_lab
+    from rbm_study.core.pipeline import STAGES, LabCheckpoint, run_lab
 
     study = StudyConfig(study_config or {}, [])
     cpus = study.config.get("resources", {}).get("cpus_per_trial", 1)
@@ -122,7 +121,7 @@ def run_trial(config: dict[str, Any], study_config: dict | None = None, searched
 
 def _resume_point(data: bytes | None) -> tuple[Any, list[EpochRow]] | None:
     """(LabCheckpoint, epoch rows to send again) from the store's bytes, or None to start afresh."""
-    from core.pipeline import LabCheckpoint
+    from rbm_study.core.pipeline import LabCheckpoint
 
     if data is None:
         return None

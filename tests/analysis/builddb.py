@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import optuna
-
-from core.config import load_config
-from study.storage import StudyStorage
+from rbm_study.core.config import load_config
+from rbm_study.study.storage import StudyStorage
 
 TINY = [
     "data.subset=1000",
@@ -34,8 +33,8 @@ OBJECTIVE = "final.val.log_likelihood"
 
 def train_all(ks=(1, 2), seeds=(0, 1), mnist_root: str | None = None) -> list[dict]:
     """Run the lab for each (k, seed); returns dicts with params, config, metrics, epochs, weights."""
-    from core.data import load_mnist
-    from core.pipeline import run_lab
+    from rbm_study.core.data import load_mnist
+    from rbm_study.core.pipeline import run_lab
 
     base = load_config(None, TINY + ([f"data.root={mnist_root}"] if mnist_root else []))
     data = load_mnist(base["data"]["root"], "cpu", base["data"]["val_size"], base["data"]["subset"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from study.cli import main
+from rbm_study.cli import main
 from tests.analysis import builddb
 
 

@@ -1,8 +1,7 @@
 """The k-comparison's published reference points, beside a study's own numbers."""
 
 import pandas as pd
-
-from analysis import kcompare
+from rbm_study.analysis import kcompare
 
 
 def _trials(hidden: list[int], k: list[int], ll: list[float]) -> pd.DataFrame:

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from rbm_study.analysis import figures, kcompare
+from rbm_study.analysis.load import open_snapshot
+from rbm_study.core import labfiles
+from rbm_study.core.rbm import RBM
 
-from analysis import figures, kcompare
-from analysis.load import open_snapshot
-from core import labfiles
-from core.rbm import RBM
-from study.cli import main
+from rbm_study.cli import main
 from tests.analysis import builddb
 
 

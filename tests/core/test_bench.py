@@ -2,7 +2,7 @@
 
 import re
 
-from core import bench
+from rbm_study.core import bench
 
 
 def test_quick_bench_prints_times_ratios_and_the_sgemm_reference(mnist_dir, capsys):

@@ -10,10 +10,9 @@ import numba
 import numpy as np
 import pytest
 import torch
-
-from core import cdstep
-from core.rbm import RBM
-from core.train import CDSettings, CDTrainer
+from rbm_study.core import cdstep
+from rbm_study.core.rbm import RBM
+from rbm_study.core.train import CDSettings, CDTrainer
 
 pytestmark = pytest.mark.skipif(not cdstep.available(), reason="torch's CPU library has no MKL here")
 

@@ -16,7 +16,7 @@ def rbm_study(*args: str, env_root: str | None = None) -> subprocess.CompletedPr
     env = dict(os.environ)
     if env_root:
         env["MNIST_ROOT"] = env_root
-    return subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "rbm_study", *args], capture_output=True, text=True, env=env,
                           timeout=600)
 
 
@@ -39,7 +39,7 @@ def test_run_writes_the_lab_files_and_metrics(run_dir):
 
 
 def test_metrics_json_is_strict_json_with_null_for_an_undefined_interval_end(tmp_path):
-    from core.cli import write_metrics
+    from rbm_study.core.commands import write_metrics
 
     def refuse(constant: str) -> None:
         raise ValueError(f"{constant} is not JSON")

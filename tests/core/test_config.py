@@ -1,6 +1,5 @@
 import pytest
-
-from core.config import LAB_KEYS, ConfigError, load_config, parse_override
+from rbm_study.core.config import LAB_KEYS, ConfigError, load_config, parse_override
 
 
 def test_defaults_are_the_lab_settings(tmp_path):

@@ -1,12 +1,11 @@
 """Greedy DBN and up-down fine-tuning on a small problem where the bound can be enumerated."""
 
 import torch
-
-from core import evaluate
-from core.dbn import DBN, train_dbn_layer
-from core.finetune import UpDownDBN, fine_tune
-from core.rbm import RBM
-from core.train import CDSettings, train_rbm
+from rbm_study.core import evaluate
+from rbm_study.core.dbn import DBN, train_dbn_layer
+from rbm_study.core.finetune import UpDownDBN, fine_tune
+from rbm_study.core.rbm import RBM
+from rbm_study.core.train import CDSettings, train_rbm
 
 
 def bars(n: int, seed: int = 0) -> torch.Tensor:

@@ -9,9 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from sklearn.neural_network import BernoulliRBM
-
-from core.evaluate import (
+from rbm_study.core.evaluate import (
     LogZEstimate,
     ais_betas,
     ais_log_z,
@@ -25,7 +23,8 @@ from core.evaluate import (
     pseudo_log_likelihood,
     reconstruction_error,
 )
-from core.rbm import RBM
+from rbm_study.core.rbm import RBM
+from sklearn.neural_network import BernoulliRBM
 
 
 @pytest.fixture(autouse=True)

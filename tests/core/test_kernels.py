@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 import torch
-
-from core import kernels
+from rbm_study.core import kernels
 
 
 def test_every_lane_is_numpys_sfc64_word_for_word():

@@ -1,10 +1,9 @@
 import pytest
 import torch
-
-from core import labfiles
-from core.dbn import DBN
-from core.finetune import UpDownDBN
-from core.rbm import RBM
+from rbm_study.core import labfiles
+from rbm_study.core.dbn import DBN
+from rbm_study.core.finetune import UpDownDBN
+from rbm_study.core.rbm import RBM
 
 
 def random_rbm(V: int, H: int, seed: int) -> RBM:

@@ -18,11 +18,10 @@ The same recipe scored about -170 after 10 epochs and -131 after 50: the band ne
 
 import pytest
 import torch
-
-from core import evaluate
-from core.data import TEST_BINARIZE_SEED, binarize_once, load_mnist
-from core.rbm import RBM, visible_bias_from_means
-from core.train import CDSettings, train_rbm
+from rbm_study.core import evaluate
+from rbm_study.core.data import TEST_BINARIZE_SEED, binarize_once, load_mnist
+from rbm_study.core.rbm import RBM, visible_bias_from_means
+from rbm_study.core.train import CDSettings, train_rbm
 
 PUBLISHED_CD1_500, PUBLISHED_CD3_500 = evaluate.PAPER_TEST_LL[1], evaluate.PAPER_TEST_LL[3]
 

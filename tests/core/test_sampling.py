@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
-from core.data import Binarizer, minibatches
-from core.rbm import RBM, FastBernoulli, bernoulli
-from core.train import CDSettings, CDTrainer, train_rbm
+from rbm_study.core.data import Binarizer, minibatches
+from rbm_study.core.rbm import RBM, FastBernoulli, bernoulli
+from rbm_study.core.train import CDSettings, CDTrainer, train_rbm
 
 PROBABILITIES = [0.0, 0.001, 0.3, 0.5, 0.999, 1.0]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

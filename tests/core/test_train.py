@@ -4,10 +4,9 @@ import itertools
 
 import pytest
 import torch
-
-from core import evaluate
-from core.rbm import RBM
-from core.train import CDSettings, CDTrainer, train_rbm
+from rbm_study.core import evaluate
+from rbm_study.core.rbm import RBM
+from rbm_study.core.train import CDSettings, CDTrainer, train_rbm
 
 
 def all_states(n: int, dtype=torch.float32) -> torch.Tensor:

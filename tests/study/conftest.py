@@ -60,7 +60,7 @@ def env() -> dict[str, str]:
 def cli(*args: str, timeout: float = 300, cwd: Path = REPO, extra_env: dict[str, str] | None = None
         ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "study", *args], cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True,
+        [sys.executable, "-m", "rbm_study", *args], cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True,
         text=True, timeout=timeout,
     )
 

@@ -6,8 +6,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-
-from study.checkpoints import pack, receive_blob, send_blob, start_store, unpack
+from rbm_study.study.checkpoints import pack, receive_blob, send_blob, start_store, unpack
 
 
 def test_pack_round_trip_keeps_bytes_and_epoch_rows():
@@ -26,8 +25,7 @@ def test_without_a_store_the_value_itself_is_reported():
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     import ray
-
-    from study.raynode import keep_loopback
+    from rbm_study.study.raynode import keep_loopback
 
     keep_loopback()
     ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -42,8 +40,7 @@ def test_a_trial_reports_a_short_name_and_the_driver_takes_the_bytes_once(local_
     """A result above Ray's 100 KB inline limit would wait in the trial node's object store, where
     a node death makes Tune's controller raise; the trial must report a short name instead."""
     import ray
-
-    from study.checkpoints import find_store
+    from rbm_study.study.checkpoints import find_store
 
     store = start_store({})
     weights = {"zad1_rbm.th": bytes(range(256)) * 4096, "zad2_dbn.th": b"\x01" * 300_000}
@@ -60,7 +57,7 @@ def test_a_trial_reports_a_short_name_and_the_driver_takes_the_bytes_once(local_
 
 
 def test_the_store_drops_only_the_blobs_of_the_given_owner():
-    from study.checkpoints import CheckpointStore
+    from rbm_study.study.checkpoints import CheckpointStore
 
     store = CheckpointStore()
     for name in ("rbm-study-blob:t1/a", "rbm-study-blob:t1/b", "rbm-study-blob:t10/c", "rbm-study-blob:/d"):
@@ -75,8 +72,7 @@ def test_the_driver_forgets_what_a_trial_sent_but_never_reported(local_ray):
     """A trial that dies between sending a blob and reporting it leaves the blob in the store; the
     driver drops it when the trial ends (or is retried), and other trials' blobs stay."""
     import ray
-
-    from study.checkpoints import forget_blobs
+    from rbm_study.study.checkpoints import forget_blobs
 
     store = start_store({})
     orphan = send_blob(store, b"\x02" * 200_000, owner="trial_7")

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from rbm_study.core import labfiles
+from rbm_study.core.data import load_mnist
+from rbm_study.core.pipeline import STAGES, LabResult, run_lab
+from rbm_study.study.storage import StudyStorage
 
-from core import labfiles
-from core.data import load_mnist
-from core.pipeline import STAGES, LabResult, run_lab
-from study.storage import StudyStorage
 from tests.study.conftest import (
     MNIST,
     cli,
@@ -41,7 +41,7 @@ def test_sigkill_then_resume_finishes_exactly_num_samples(tmp_path):
                                                                      "log": True}}},
     )
     db, log = tmp_path / "study.db", tmp_path / "launch.log"
-    driver = start([sys.executable, "-m", "study", "launch", str(config), "--db", str(db), "--name", "kill"], log)
+    driver = start([sys.executable, "-m", "rbm_study", "launch", str(config), "--db", str(db), "--name", "kill"], log)
 
     def one_done_one_midway() -> bool:
         states = trial_states(db)
@@ -109,7 +109,7 @@ def test_sigkill_mid_trial_then_resume_carries_on_from_the_stage_checkpoint(tmp_
         search={"num_samples": 2, "max_concurrent": 2, "sampler": "grid", "space": {"rbm.cd_k": [1, 2]}},
     )
     db, log = tmp_path / "study.db", tmp_path / "launch.log"
-    driver = start([sys.executable, "-m", "study", "launch", str(config), "--db", str(db), "--name", "ckpt"], log)
+    driver = start([sys.executable, "-m", "rbm_study", "launch", str(config), "--db", str(db), "--name", "ckpt"], log)
 
     def checkpointed() -> list[tuple]:
         return query(db, "SELECT t.number, c.stage FROM rbm_checkpoints c JOIN rbm_trials t ON t.id = c.trial_id "

@@ -6,9 +6,8 @@ import sqlite3
 from contextlib import closing
 
 import pytest
-
-from study.schema import SCHEMA_VERSION
-from study.storage import StorageError, StudyExistsError, StudyStorage, UnknownStudyError
+from rbm_study.study.schema import SCHEMA_VERSION
+from rbm_study.study.storage import StorageError, StudyExistsError, StudyStorage, UnknownStudyError
 
 
 def _new(tmp_path, name="s"):

@@ -1,4 +1,6 @@
-"""Subcommands `run` (the three lab tasks once, in-process) and `evaluate` (score a weight file)."""
+"""`rbm-study run` (the three lab tasks once, in-process) and `rbm-study evaluate` (score a weight file).
+
+The arguments are defined in `rbm_study.cli`; these are the handlers it imports when they run."""
 
 from __future__ import annotations
 
@@ -9,50 +11,21 @@ import os
 from pathlib import Path
 
 import torch
-
-from core import evaluate, labfiles
-from core.config import LAB_KEYS, Schema, load_config, set_dotted
-from core.data import EVAL_BINARIZE_SEED, TEST_BINARIZE_SEED, binarize_once, load_mnist
-from core.dbn import DBN, mean_activity
-from core.errors import UserError
-from core.finetune import UpDownDBN
-from core.rbm import RBM, visible_bias_from_means
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    run = subparsers.add_parser("run", help="run the three lab tasks once, in-process (no Ray)")
-    run.add_argument("config", help="YAML config, e.g. configs/lab.yaml")
-    run.add_argument("--out", required=True, help="folder for the weight files and metrics.json")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    run.add_argument("--data-dir", help="MNIST root (default: data.root, $MNIST_ROOT, ./data)")
-    run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    run.set_defaults(func=run_command)
-
-    ev = subparsers.add_parser("evaluate", help="mean log-likelihood (RBM) or its lower bound (DBN) of a lab file")
-    ev.add_argument("file", help="zad1_rbm.th, zad2_dbn.th or zad3_dbn_ft.th")
-    ev.add_argument("--split", choices=("test", "val"), default="test")
-    ev.add_argument("--method", choices=("exact", "ais", "auto"), default="auto")
-    ev.add_argument("--chains", type=int, default=100, help="AIS chains (default 100)")
-    ev.add_argument("--betas", type=int, default=14_500, help="AIS inverse temperatures (default 14500)")
-    ev.add_argument("--data-dir", help="MNIST root (default: $MNIST_ROOT, ./data)")
-    ev.add_argument("--device", choices=("cpu", "cuda"))
-    ev.add_argument("--seed", type=int, default=0)
-    ev.set_defaults(func=evaluate_command)
+from rbm_study.core import evaluate, labfiles
+from rbm_study.core.config import LAB_KEYS, Schema, load_config, set_dotted
+from rbm_study.core.data import EVAL_BINARIZE_SEED, TEST_BINARIZE_SEED, binarize_once, load_mnist
+from rbm_study.core.dbn import DBN, mean_activity
+from rbm_study.core.errors import UserError
+from rbm_study.core.finetune import UpDownDBN
+from rbm_study.core.rbm import RBM, visible_bias_from_means
 
 
-def study_schema() -> Schema:
-    """The lab keys plus the study's own, so a study config also runs as a single trial."""
-    try:
-        from study.config import STUDY_KEYS
-    except ImportError:
-        return LAB_KEYS
-    return LAB_KEYS.extend(STUDY_KEYS.keys)
+def run_command(args: argparse.Namespace, schema: Schema = LAB_KEYS) -> int:
+    """`rbm-study run`. `schema` is the lab's keys, or the CLI passes the study's superset so that a
+    study config also runs as a single trial."""
+    from rbm_study.core.pipeline import run_lab
 
-
-def run_command(args: argparse.Namespace) -> int:
-    from core.pipeline import run_lab
-
-    config = load_config(args.config, args.set, study_schema())
+    config = load_config(args.config, args.set, schema)
     if args.data_dir:
         set_dotted(config, "data.root", args.data_dir)
     if args.device:
