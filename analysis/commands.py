@@ -15,7 +15,7 @@ def report_command(args: argparse.Namespace) -> int:
 
     if args.data_dir and not has_mnist(Path(args.data_dir)):
         raise UserError(f"--data-dir {args.data_dir} holds no MNIST/raw/*-ubyte[.gz]; pass the folder holding MNIST/")
-    index = build(args.db, args.out, name=args.name, trial_id=args.trial, data_dir=args.data_dir)
+    index = build(args.db, args.out, name=args.name, trial=args.trial, data_dir=args.data_dir)
     print(f"report written: {index}")
     return 0
 
@@ -23,6 +23,6 @@ def report_command(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     from rbm_study.analysis.report import export
 
-    for path in export(args.db, args.trial, args.out):
+    for path in export(args.db, args.trial, args.out, args.name):
         print(path)
     return 0

@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
 from rbm_study.core.dbn import DBN
 from rbm_study.core.finetune import UpDownDBN
 from rbm_study.core.rbm import RBM, bernoulli

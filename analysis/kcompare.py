@@ -1,16 +1,35 @@
-"""The k-comparison: what changes when k in CD-k grows, measured across seeds.
+"""The k-comparison: what changes when k in CD-k grows, saying only what the data shows.
 
-For each k (the trial config's `rbm.cd_k`) over the completed trials: mean and a 95% Student-t
-interval of the final metrics in `METRICS`; seaborn point plots of each against k (with every
-seed's value); learning curves per k from the per-epoch metrics; sample grids per k from the same
-random hidden states; and the written answer to the handout's two questions, every number in it
-taken from these tables.
+`write_section` turns the completed trials of a study into a few sentences, one table per k, one
+figure with the three models on one axis, the likelihood curves per k and a table per trial. The
+rules every sentence follows (issue 15):
+
+- Seeds are distinct config seeds, not trials: trials with the same k and seed are averaged first,
+  so a study that ran seed 0 three times has one seed, and no interval.
+- A test log-likelihood's interval at one k joins two kinds of uncertainty: the seeds' (a 95%
+  Student-t half-width of the mean over seeds) and the estimators' own (each trial's AIS interval
+  from its log Z interval, the RAISE estimate from the other direction, and `Z_SE` test-set standard
+  errors either side). The interval runs from the seeds' mean of the estimators' lower ends minus
+  the half-width to the mean of the upper ends plus it: deliberately conservative.
+- A difference between two values of k is claimed only where their intervals are disjoint; where
+  they overlap the text says NO_DIFFERENCE. With one seed at a k there is no interval and no claim.
+- A trend is judged across all k, never from the two ends: Spearman's rank correlation of k with
+  the per-(k, seed) values, with a bootstrap interval that resamples seeds; it is claimed only where
+  that interval excludes 0 and at least one pair of k is separated.
+- Where other searched parameters vary too (a TPE study over hidden size and learning rate), k is
+  compared only among trials with matched settings of them, or no claim about k is made.
+- Seconds per epoch are summarised by the median and range; a stalled trial (more than
+  STALL_FACTOR times the median of the other trials at its k) is named and left out of them.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import matplotlib.ticker
@@ -20,24 +39,27 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from rbm_study.analysis import figures
-from rbm_study.analysis.figures import FigureFile
-from rbm_study.core import evaluate
 from scipy import stats
 
-# (final metric, what it is, which direction is better)
-METRICS: list[tuple[str, str, str]] = [
-    ("rbm.test.log_likelihood", "RBM test log-likelihood (nats)", "higher"),
-    ("dbn.test.log_likelihood", "DBN lower bound before fine-tuning (nats)", "higher"),
-    ("finetune.test.log_likelihood", "DBN lower bound after fine-tuning (nats)", "higher"),
-    ("rbm.test.recon_error", "RBM reconstruction error (test, squared error per image)", "lower"),
-    ("rbm.test.pseudo_log_likelihood", "RBM pseudo-log-likelihood (test, nats)", "higher"),
-    ("rbm.seconds_per_epoch", "seconds per RBM epoch", "lower"),
-]
+from rbm_study.analysis import figures
+from rbm_study.analysis.figures import FigureFile
+from rbm_study.analysis.html import Document
+from rbm_study.core import evaluate
+
+NO_DIFFERENCE = "no difference measured at this size"
+Z_SE = 2.0  # standard errors either side of an estimate: about a 95% interval for the test-set mean
+STALL_FACTOR = 3.0  # seconds per epoch above this multiple of the other trials' median at that k: stalled
+BOOTSTRAP_SAMPLES = 2000
+TREND_SEEDS = 3  # fewer seeds give a bootstrap of a handful of distinct resamples: no interval
+BOOTSTRAP_SEED = 0  # the report is reproducible: the same database gives the same intervals
+STAGES = {"rbm": "RBM", "dbn": "greedy DBN", "finetune": "fine-tuned DBN"}
+# what each stage's test number is, in the sentences
+QUANTITY = {"rbm": "the RBM's test log-likelihood", "dbn": "the greedy DBN's test bound",
+            "finetune": "the fine-tuned DBN's test bound"}
+RECON = "rbm.test.recon_error"
+SECONDS = "rbm.seconds_per_epoch"
 # Salakhutdinov & Murray's (2008) published test log-likelihoods, by k, of RBMs of one size
 PUBLISHED_HIDDEN, PUBLISHED_LL = evaluate.PAPER_HIDDEN, evaluate.PAPER_TEST_LL
-LABELS = {name: label for name, label, _ in METRICS}
-BETTER = {name: better for name, _, better in METRICS}
 CURVES = [  # (stage, per-epoch metric) drawn as learning curves
     ("rbm", "train_recon_error"),
     ("rbm", "val_recon_error"),
@@ -47,9 +69,10 @@ CURVES = [  # (stage, per-epoch metric) drawn as learning curves
     ("finetune", "train_recon_error"),
     ("finetune", "sleep_recognition_error"),
 ]
+CURVE_METRIC = "val_log_likelihood"  # the cheap AIS every eval.curve_every epochs
 
 
-def fmt(x: float, digits: int = 2) -> str:
+def fmt(x: float | None, digits: int = 2) -> str:
     """The one number format of the report (tests compare report text with it)."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
@@ -75,68 +98,711 @@ def _errorbar(values: pd.Series) -> tuple[float, float]:
     return (low, high)
 
 
-# --- tables --------------------------------------------------------------------------------------
-def per_k(trials: pd.DataFrame) -> pd.DataFrame:
-    """Long table: k, metric, label, better, n, mean, std, ci_low, ci_high over the completed trials."""
-    rows = []
-    for k, group in trials.groupby("k", sort=True):
-        for name, label, better in METRICS:
-            if name not in group:
-                continue
-            values = group[name].dropna()
-            if values.empty:
-                continue
-            low, high = t_interval(values)
-            rows.append({
-                "k": int(k), "metric": name, "label": label, "better": better, "n": int(values.size),
-                "mean": float(values.mean()), "std": float(values.std(ddof=1)) if values.size > 1 else float("nan"),
-                "ci_low": low, "ci_high": high,
-            })
-    return pd.DataFrame(rows, columns=["k", "metric", "label", "better", "n", "mean", "std", "ci_low", "ci_high"])
+def default_label(row: pd.Series) -> str:
+    """How a trial is named to users: its `number` column as stored."""
+    return f"trial {int(row['number'])}" if "number" in row and pd.notna(row["number"]) else \
+        f"trial id {int(row['trial_id'])}"
 
 
-def wide_table(stats_long: pd.DataFrame) -> pd.DataFrame:
-    """One row per metric, one column per k: 'mean [low, high]' (n seeds)."""
-    if stats_long.empty:
-        return pd.DataFrame()
-    cells = stats_long.assign(cell=[
-        f"{fmt(r.mean)} [{fmt(r.ci_low)}, {fmt(r.ci_high)}]" if not math.isnan(r.ci_low) else f"{fmt(r.mean)} (n=1)"
-        for r in stats_long.itertuples()
-    ])
-    table = cells.pivot(index="label", columns="k", values="cell")
-    order = [LABELS[m] for m, _, _ in METRICS if LABELS[m] in table.index]
-    table = table.loc[order]
-    table.columns = [f"k={k}" for k in table.columns]
-    counts = stats_long.groupby("k")["n"].max()
-    table.loc["seeds (completed trials)"] = [str(counts[int(c[2:])]) for c in table.columns]
-    return table.reset_index().rename(columns={"label": "metric (mean [95% t-interval])"})
+def _column(trials: pd.DataFrame, name: str) -> pd.Series:
+    """A final metric as floats; all NaN when the database has no such metric."""
+    if name in trials:
+        return pd.to_numeric(trials[name], errors="coerce").astype(float)
+    return pd.Series(np.nan, index=trials.index, dtype=float)
 
 
-# --- plots ---------------------------------------------------------------------------------------
-def metric_plots(trials: pd.DataFrame, out: Path) -> FigureFile:
-    """Point plot (mean and 95% t-interval) of each metric against k, each seed as a dot."""
-    names = [m for m, _, _ in METRICS if m in trials and trials[m].notna().any()]
-    cols = 3
-    rows = math.ceil(len(names) / cols)
-    sns.set_theme(style="whitegrid", context="notebook")
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
-    order = sorted(trials["k"].unique())
-    for ax, name in zip(axes.flat, names, strict=False):
-        sns.stripplot(data=trials, x="k", y=name, order=order, ax=ax, color="0.55", size=5, jitter=0.12, alpha=0.8)
-        sns.pointplot(data=trials, x="k", y=name, order=order, ax=ax, errorbar=_errorbar, capsize=0.15,
-                      color="C0", markers="o", linestyles="-")
-        ax.set_title(f"{LABELS[name]}\n({BETTER[name]} is better)", fontsize=10)
-        ax.set_xlabel("k in CD-k")
-        ax.set_ylabel(name, fontsize=8)
-    for ax in list(axes.flat)[len(names):]:
-        ax.set_visible(False)
-    fig.suptitle("Final metrics against k: mean and 95% t-interval across seeds (grey dots: single trials)",
-                 fontsize=12)
-    fig.tight_layout()
+def _has(trials: pd.DataFrame, name: str) -> bool:
+    return name in trials and pd.to_numeric(trials[name], errors="coerce").notna().any()
+
+
+def _ks(ks: list[int] | set[int]) -> str:
+    return ", ".join(str(k) for k in sorted(ks))
+
+
+# --- per trial: the estimates and their own uncertainty -------------------------------------------
+def trial_estimates(trials: pd.DataFrame, stage: str, split: str = "test") -> pd.DataFrame:
+    """One row per trial with a `{stage}.{split}.log_likelihood`: the AIS estimate (`est`), AIS's
+    interval widened by the standard error (`ais_lo`, `ais_hi`), RAISE (`raise`, `raise_lo`,
+    `raise_hi`), their gap, and the envelope of both (`lo`, `hi`) that claims are judged by."""
+    base = f"{stage}.{split}.log_likelihood"
+    est = _column(trials, base)
+    se = _column(trials, f"{base}_stderr").fillna(0.0)
+    raise_ = _column(trials, f"{base}_raise")
+    raise_se = _column(trials, f"{base}_raise_stderr").fillna(0.0)
+    # RAISE scores only the first eval.raise_images images, AIS all of them: their levels differ by
+    # the images as well as the estimators. The pipeline's paired gap (RAISE minus AIS, image by
+    # image, on RAISE's images) is the estimators' disagreement alone, so RAISE's side of the
+    # interval is the AIS estimate moved by that gap; without it, the RAISE estimate as it is.
+    paired = _column(trials, f"{base}_raise_gap")
+    paired_se = _column(trials, f"{base}_raise_gap_stderr").fillna(0.0)
+    side = (est + paired).fillna(raise_)
+    side_se = np.sqrt(se**2 + paired_se**2).where(paired.notna(), raise_se)
+    # A missing AIS interval (exact log Z, or an older database) leaves the point estimate.
+    ais_lo = _column(trials, f"{base}_low").fillna(est) - Z_SE * se
+    ais_hi = _column(trials, f"{base}_high").fillna(est) + Z_SE * se
+    frame = pd.DataFrame({
+        "trial_id": trials["trial_id"], "number": trials.get("number", trials["trial_id"]),
+        "k": trials["k"].astype(int), "seed": trials["seed"].fillna(-1),
+        "est": est, "se": _column(trials, f"{base}_stderr"), "ais_lo": ais_lo, "ais_hi": ais_hi,
+        "raise": raise_, "raise_se": _column(trials, f"{base}_raise_stderr"),
+        "raise_lo": raise_ - Z_SE * raise_se, "raise_hi": raise_ + Z_SE * raise_se,
+        "gap": (-paired).fillna(est - raise_), "paired": paired.notna(),  # gap: AIS minus RAISE
+        # fmin/fmax skip NaN: without RAISE the envelope is AIS's interval alone
+        "lo": np.fmin(ais_lo, side - Z_SE * side_se), "hi": np.fmax(ais_hi, side + Z_SE * side_se),
+    })
+    return frame[frame["est"].notna()].reset_index(drop=True)
+
+
+def plain_values(trials: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The same shape as `trial_estimates` for a metric without an estimator interval (recon error)."""
+    value = _column(trials, name)
+    frame = pd.DataFrame({"trial_id": trials["trial_id"], "k": trials["k"].astype(int),
+                          "seed": trials["seed"].fillna(-1), "est": value, "lo": value, "hi": value})
+    return frame[frame["est"].notna()].reset_index(drop=True)
+
+
+# --- per k ----------------------------------------------------------------------------------------
+@dataclass
+class KStat:
+    """One quantity at one k, over seeds."""
+
+    k: int
+    seeds: int
+    trials: int
+    mean: float
+    ci_low: float  # 95% t-interval of the mean over seeds (NaN with one seed)
+    ci_high: float
+    low: float  # ... widened by the estimators' own uncertainty: what claims are judged by
+    high: float
+
+    def cell(self) -> str:
+        if math.isnan(self.low):
+            return f"{fmt(self.mean)} (one seed, no interval)"
+        return f"{fmt(self.mean)} [{fmt(self.low)}, {fmt(self.high)}]"
+
+
+def seed_cells(rows: pd.DataFrame, value: str = "est") -> pd.DataFrame:
+    """Per (k, seed): the mean over that seed's trials of `value`, `lo`, `hi` (a seed is one sample)."""
+    columns = [c for c in dict.fromkeys([value, "lo", "hi"]) if c in rows]
+    cells = rows.dropna(subset=[value]).groupby(["k", "seed"], as_index=False)[columns].mean()
+    return cells.rename(columns={value: "value"})
+
+
+def per_k(rows: pd.DataFrame, value: str = "est", lo: str = "lo", hi: str = "hi") -> dict[int, KStat]:
+    """KStat per k of `rows` (from `trial_estimates` or `plain_values`)."""
+    out = {}
+    picked = rows.dropna(subset=[value]).rename(columns={value: "_v", lo: "_lo", hi: "_hi"})
+    for k, group in picked.groupby("k", sort=True):
+        by_seed = group.groupby("seed")[["_v", "_lo", "_hi"]].mean()
+        ci_low, ci_high = t_interval(by_seed["_v"])
+        half = (ci_high - ci_low) / 2
+        mean = float(by_seed["_v"].mean())
+        out[int(k)] = KStat(int(k), len(by_seed), len(group), mean, ci_low, ci_high,
+                            float(by_seed["_lo"].mean() - half), float(by_seed["_hi"].mean() + half))
+    return out
+
+
+def separated(a: KStat, b: KStat) -> bool:
+    """Disjoint intervals; an interval that is missing (one seed) separates from nothing."""
+    return bool(a.high < b.low or b.high < a.low)
+
+
+# --- the verdict on one quantity ------------------------------------------------------------------
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rx, ry = stats.rankdata(x), stats.rankdata(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def rank_trend(cells: pd.DataFrame) -> tuple[float, float, float, int]:
+    """(rho, low, high, seeds): Spearman's rho of k with the per-(k, seed) values, and a 95%
+    percentile bootstrap interval that resamples whole seeds (a seed's trials move together)."""
+    rho = _spearman(cells["k"].to_numpy(float), cells["value"].to_numpy(float))
+    seeds = list(cells["seed"].unique())
+    if len(seeds) < TREND_SEEDS:
+        return rho, float("nan"), float("nan"), len(seeds)
+    parts = [(g["k"].to_numpy(float), g["value"].to_numpy(float)) for _, g in cells.groupby("seed")]
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    draws = []
+    for _ in range(BOOTSTRAP_SAMPLES):
+        pick = rng.integers(0, len(parts), len(parts))
+        r = _spearman(np.concatenate([parts[i][0] for i in pick]), np.concatenate([parts[i][1] for i in pick]))
+        if not math.isnan(r):
+            draws.append(r)
+    if not draws:
+        return rho, float("nan"), float("nan"), len(seeds)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return rho, float(low), float(high), len(seeds)
+
+
+@dataclass
+class Verdict:
+    """What the data says about one quantity across k."""
+
+    stats: dict[int, KStat]
+    better: str  # "higher" or "lower"
+    best: list[int]  # the k of the best mean and every k whose interval overlaps it
+    top: int  # the k of the best mean
+    pairs: list[tuple[int, int]]  # separated pairs (k, k')
+    rho: float
+    rho_low: float
+    rho_high: float
+    seeds: int
+
+    @property
+    def any_separated(self) -> bool:
+        return bool(self.pairs)
+
+    def spread(self) -> tuple[float, int, int]:
+        """(largest minus smallest mean, k of the smallest, k of the largest)."""
+        means = {k: s.mean for k, s in self.stats.items()}
+        lo, hi = min(means, key=means.get), max(means, key=means.get)
+        return means[hi] - means[lo], lo, hi
+
+    def leaning(self) -> int:
+        """+1 where the rank correlation's interval lies above 0, -1 below, 0 where it includes 0."""
+        if math.isnan(self.rho_low):
+            return 0
+        return 1 if self.rho_low > 0 else -1 if self.rho_high < 0 else 0
+
+    def reversals(self, direction: int) -> list[tuple[int, int]]:
+        """Separated pairs (k < k') whose means go against `direction` (+1: rising with k)."""
+        return [(a, b) for a, b in self.pairs if (self.stats[b].mean - self.stats[a].mean) * direction < 0]
+
+    def trend_claimed(self) -> int:
+        """+1 rises with k, -1 falls, 0 no trend claimed: the ranks must lean one way, some pair of k
+        must be separated, and no separated pair may go the other way (a monotone trend, judged
+        over all k rather than from the two ends)."""
+        direction = self.leaning()
+        if not direction or not self.pairs or self.reversals(direction):
+            return 0
+        return direction
+
+
+def judge(rows: pd.DataFrame, better: str = "higher") -> Verdict | None:
+    """The verdict on a quantity from its per-trial rows; None with fewer than two k."""
+    per = per_k(rows)
+    if len(per) < 2:
+        return None
+    top = max(per, key=lambda k: per[k].mean) if better == "higher" else min(per, key=lambda k: per[k].mean)
+    best = [k for k in per if k == top or not separated(per[k], per[top])]
+    ks = sorted(per)
+    pairs = [(a, b) for i, a in enumerate(ks) for b in ks[i + 1:] if separated(per[a], per[b])]
+    rho, low, high, seeds = rank_trend(seed_cells(rows))
+    return Verdict(per, better, sorted(best), top, pairs, rho, low, high, seeds)
+
+
+def order_text(v: Verdict) -> str:
+    """Which k is best, and which are not told apart from it."""
+    if all(s.seeds < 2 for s in v.stats.values()):
+        return f"{NO_DIFFERENCE}: with one seed per k there is no interval to judge a difference by"
+    if not v.any_separated:
+        return f"{NO_DIFFERENCE} between any two of k = {_ks(v.stats)} (every pair of intervals overlaps)"
+    word, worse = ("highest", "lower") if v.better == "higher" else ("lowest", "higher")
+    rest = [k for k in v.stats if k not in v.best]
+    if len(v.best) == 1:
+        text = f"{word} at k={v.top} ({fmt(v.stats[v.top].mean)}), separated from every other k"
+    else:
+        others = [k for k in v.best if k != v.top]
+        text = (f"{word} mean at k={v.top} ({fmt(v.stats[v.top].mean)}), but k={_ks(others)} "
+                f"{'is' if len(others) == 1 else 'are'} within its interval ({NO_DIFFERENCE})")
+        if rest:
+            text += f"; k={_ks(rest)} {'is' if len(rest) == 1 else 'are'} {worse}, with intervals separated from it"
+    return text
+
+
+def trend_text(v: Verdict) -> str:
+    """The trend across all k, with its interval, or why none is claimed."""
+    rho = f"Spearman ρ = {fmt(v.rho)}"
+    if math.isnan(v.rho_low):
+        seeds = "one seed" if v.seeds == 1 else f"{v.seeds} seeds"
+        return f"with {seeds} there is no interval for a trend across k ({rho}), so none is claimed"
+    interval = f"{rho}, 95% bootstrap interval over {v.seeds} seeds [{fmt(v.rho_low)}, {fmt(v.rho_high)}]"
+    claimed, leaning = v.trend_claimed(), v.leaning()
+    if claimed:
+        return f"across all k it {'rises' if claimed > 0 else 'falls'} with k ({interval})"
+    if leaning and not v.pairs:
+        return f"the ranks lean one way ({interval}) but no two k are separated, so no trend is claimed"
+    if leaning:
+        word = "above" if leaning > 0 else "below"
+        against = "; ".join(f"k={a} is {word} k={b}" for a, b in v.reversals(leaning)[:3])
+        return (f"the ranks lean {'upward' if leaning > 0 else 'downward'} ({interval}) but not monotonically "
+                f"({against}, with separated intervals), so no trend is claimed")
+    return f"no monotone trend across k ({interval} includes 0)"
+
+
+# --- which trials can be compared --------------------------------------------------------------
+def _hashable(value: Any) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "unset"
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def matched_trials(done: pd.DataFrame, sampler: str | None = None) -> tuple[pd.DataFrame, str | None, bool]:
+    """(the trials k is compared among, a caveat or None, whether any claim about k may be made).
+
+    Other searched parameters that vary between the trials (anything in the trials' params but k
+    and the seed) would mix their effect with k's: k is then compared only among trials that share
+    one setting of them (the setting with the most k, then seeds), or, where no setting was tried
+    with two k, not at all."""
+    params = [c for c in done.columns if c.startswith("param:") and c not in ("param:rbm.cd_k", "param:seed")]
+    varying = [c for c in params if done[c].map(_hashable).nunique() > 1]
+    if not varying:
+        return done, None, True
+    names = ", ".join(c[6:] for c in varying)
+    how = f" (search sampler: {sampler})" if sampler else ""
+    key = done[varying].apply(lambda r: tuple(_hashable(v) for v in r), axis=1)
+    groups = [g for _, g in done.groupby(key, sort=False) if g["k"].nunique() >= 2]
+    if not groups:
+        return done, (
+            f"other searched parameters vary with k{how}: {names}. No two values of k were tried at the same "
+            "setting of them, so this study cannot separate k's effect from theirs: **no claim about k is made**; "
+            "the table and figures below describe the trials, not k."
+        ), False
+    chosen = max(groups, key=lambda g: (g["k"].nunique(), g["seed"].nunique(), len(g)))
+    setting = ", ".join(f"{c[6:]}={chosen[c].iloc[0]}" for c in varying)
+    return chosen, (
+        f"other searched parameters vary between the trials{how}: {names}. k is compared only among trials "
+        f"with matched settings: the {len(chosen)} at {setting}; {len(done) - len(chosen)} other trials are left out "
+        "of the comparison."
+    ), True
+
+
+# --- seconds per epoch ----------------------------------------------------------------------------
+def seconds_summary(trials: pd.DataFrame, name: str = SECONDS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per k: median, min, max, n over the trials kept; the stalled trials with their factor).
+
+    A trial is stalled when its seconds exceed STALL_FACTOR times the median of the *other* trials
+    at its k: leaving it out of its own reference median lets two trials at one k catch a stall."""
+    data = trials.assign(_s=_column(trials, name)).dropna(subset=["_s"])
+    kept_rows, stalled = [], []
+    for _, group in data.groupby("k", sort=True):
+        for index, row in group.iterrows():
+            others = group["_s"].drop(index)
+            reference = float(others.median()) if not others.empty else float("nan")
+            if reference > 0 and row["_s"] > STALL_FACTOR * reference:
+                stalled.append({**row.to_dict(), "factor": row["_s"] / reference, "reference": reference})
+            else:
+                kept_rows.append(row)
+    kept = pd.DataFrame(kept_rows)
+    summary = pd.DataFrame(columns=["k", "median", "min", "max", "n"])
+    if not kept.empty:
+        summary = (kept.groupby("k")["_s"].agg(["median", "min", "max", "count"])
+                   .rename(columns={"count": "n"}).reset_index())
+    return summary, pd.DataFrame(stalled)
+
+
+# --- settings and cost ------------------------------------------------------------------------------
+def _setting(trials: pd.DataFrame, configs: dict[int, dict], name: str) -> pd.Series:
+    """A setting per trial: the final metric of that name, else the trial config's dotted key."""
+    if _has(trials, name):
+        return _column(trials, name).dropna()
+    values = []
+    for tid in trials["trial_id"]:
+        node: Any = configs.get(int(tid), {})
+        for part in name.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, (int, float)) and not isinstance(node, bool):
+            values.append(float(node))
+    return pd.Series(values, dtype=float)
+
+
+def _amount(values: pd.Series) -> str | None:
+    """'100', or '50-100 (varies between trials)'; None when unknown."""
+    if values.empty:
+        return None
+    low, high = values.min(), values.max()
+    as_text = (lambda x: f"{int(x):,}") if all(float(v).is_integer() for v in values) else fmt
+    return as_text(low) if low == high else f"{as_text(low)}-{as_text(high)} (varies between trials)"
+
+
+def settings_text(trials: pd.DataFrame, configs: dict[int, dict]) -> str:
+    """Which estimator settings produced the numbers, and what evaluating cost."""
+    get = lambda name: _amount(_setting(trials, configs, name))  # noqa: E731
+    parts = []
+    chains, betas = get("eval.ais_chains"), get("eval.ais_betas")
+    if chains or betas:
+        ais = f"AIS with {chains or '?'} chains x {betas or '?'} inverse temperatures"
+        repeats = get("eval.ais_repeats")
+        if repeats:
+            spread = _column(trials, "rbm.log_z_sd").dropna()
+            ais += f", {repeats} repeat{'s' if repeats != '1' else ''}"
+            if not spread.empty and repeats != "1":
+                ais += f" (RBM log Z spread between repeats: median sd {fmt(float(spread.median()), 3)} nats)"
+        parts.append(ais)
+    else:
+        parts.append("AIS settings not recorded")
+    if _has(trials, "rbm.log_z_exact"):
+        exact = int((_column(trials, "rbm.log_z_exact") == 1.0).sum())
+        if exact:
+            parts.append(f"the RBM's log Z exact (enumerated) in {exact} of {len(trials)} trials")
+    r_chains, r_betas, r_images = get("eval.raise_chains"), get("eval.raise_betas"), get("eval.raise_images")
+    if _has(trials, "rbm.test.log_likelihood_raise"):
+        where = f" on the first {r_images} test images" if r_images else ""
+        parts.append(f"RAISE with {r_chains or '?'} chains x {r_betas or '?'} inverse temperatures{where}")
+    every = get("eval.curve_every")
+    if every and every != "0":
+        curve = "likelihood curves every " + ("epoch" if every == "1" else f"{every} epochs")
+        c_chains, c_betas, c_images = get("eval.curve_chains"), get("eval.curve_betas"), get("eval.curve_images")
+        if c_chains or c_betas:
+            curve += (f" (AIS with {c_chains or '?'} chains x {c_betas or '?'} inverse temperatures"
+                      + (f" on the first {c_images} validation images)" if c_images else ")"))
+        parts.append(curve)
+    text = "Estimator settings behind these numbers: " + "; ".join(parts) + "."
+    costs = []
+    for name, what in (("ais_seconds", "AIS"), ("raise_seconds", "RAISE"), ("curve_seconds", "curves")):
+        total = sum(_column(trials, f"{stage}.{name}").fillna(0.0) for stage in STAGES)
+        if total.gt(0).any():  # a switched-off estimator records 0 s
+            costs.append((what, total))
+    if costs:
+        spent = sum(total for _, total in costs)
+        text += " Evaluation per trial (median; AIS over all three models): " + ", ".join(
+            f"{what} {fmt(float(total.median()), 1)} s" for what, total in costs)
+        if "seconds" in trials and _column(trials, "seconds").gt(0).any():
+            share = (spent / _column(trials, "seconds")).replace([np.inf, -np.inf], np.nan).dropna()
+            # more evaluation than the trial's wall time means the timestamps do not cover it (a resumed trial)
+            if not share.empty and share.median() <= 1:
+                text += f", {fmt(100 * float(share.median()), 0)}% of a trial's time"
+        text += "."
+    return text
+
+
+def missing_text(trials: pd.DataFrame) -> list[str]:
+    """What the database lacks that the comparison would use, said plainly."""
+    out = []
+    n = len(trials)
+    raise_rbm = int(_column(trials, "rbm.test.log_likelihood_raise").notna().sum())
+    if _has(trials, "rbm.test.log_likelihood") and raise_rbm < n:
+        which = "any trial" if raise_rbm == 0 else f"{n - raise_rbm} of {n} trials"
+        out.append(f"RAISE, the estimate from the other direction, is missing for {which}: there the RBM's "
+                   "intervals carry AIS's uncertainty and the seeds' only.")
+    dbn_stages = [s for s in ("dbn", "finetune") if _has(trials, f"{s}.test.log_likelihood")]
+    if dbn_stages and not any(_has(trials, f"{s}.test.log_likelihood_raise") for s in dbn_stages):
+        out.append("For the DBN bounds only AIS's side exists: no estimate from the other direction was stored, "
+                   "so their intervals are AIS's and the seeds'.")
+    lacking = [STAGES[s] for s in STAGES if _has(trials, f"{s}.test.log_likelihood")
+               and not _has(trials, f"{s}.test.log_likelihood_low")]
+    if lacking:
+        out.append(f"AIS intervals (log Z interval) are not recorded for the {', '.join(lacking)}: "
+                   "those intervals are the seeds' alone.")
+    no_se = [STAGES[s] for s in STAGES if _has(trials, f"{s}.test.log_likelihood")
+             and not _has(trials, f"{s}.test.log_likelihood_stderr")]
+    if no_se:
+        out.append(f"Test-set standard errors are not recorded for the {', '.join(no_se)}.")
+    return out
+
+
+# --- sentences ------------------------------------------------------------------------------------
+def _effect(v: Verdict) -> str:
+    size, lo, hi = v.spread()
+    return (f"{fmt(size)} nats ({fmt(v.stats[lo].mean)} at k={lo}, {fmt(v.stats[hi].mean)} at k={hi}; "
+            + ("intervals separate" if v.any_separated else NO_DIFFERENCE) + ")")
+
+
+def lead_text(verdicts: dict[str, Verdict]) -> str | None:
+    """The sentence connecting the models: k's effect on the RBM against its effect on the DBN bounds."""
+    if not verdicts:
+        return None
+    effects = ", ".join(f"{QUANTITY[s]} by {_effect(v)}" for s, v in verdicts.items())
+    text = f"Across k = {_ks(next(iter(verdicts.values())).stats)}, k moves {effects}. "
+    rbm = verdicts.get("rbm")
+    bounds = {s: v for s, v in verdicts.items() if s != "rbm"}
+    moved = [s for s, v in bounds.items() if v.any_separated]
+    if rbm is None or not bounds:
+        return text.rstrip()
+    if rbm.any_separated and not moved:
+        text += ("The second layer erases k's effect: what k buys the RBM does not show in the DBN bounds "
+                 "(as far as a lower bound can show it).")
+    elif rbm.any_separated and len(moved) == len(bounds):
+        text += (f"k's effect carries through the second layer, {fmt(rbm.spread()[0])} nats on the RBM against "
+                 + " and ".join(f"{fmt(bounds[s].spread()[0])} on the {STAGES[s]}" for s in moved) + ".")
+    elif rbm.any_separated:
+        kept = " and ".join(STAGES[s] for s in moved)
+        lost = " and ".join(STAGES[s] for s in bounds if s not in moved)
+        text += f"k's effect on the RBM shows in the {kept}'s bound but not in the {lost}'s."
+    elif moved:
+        text += (f"k makes no measured difference to the RBM, but it does to the "
+                 f"{' and '.join(STAGES[s] for s in moved)}'s bound.")
+    else:
+        text += "For none of the three models is a difference between values of k measured at this size."
+    return text
+
+
+def model_text(stage: str, v: Verdict) -> str:
+    name = QUANTITY[stage]
+    return f"{name[0].upper()}{name[1:]}: {order_text(v)}; {trend_text(v)}."
+
+
+def recon_text(ll: Verdict | None, rec: Verdict | None) -> str | None:
+    """Reconstruction error against likelihood, with the numbers, agreeing or not."""
+    if ll is None or rec is None:
+        return None
+    means = [s.mean for s in rec.stats.values()]
+    rec_range = fmt(min(means)) if fmt(min(means)) == fmt(max(means)) else f"{fmt(min(means))}-{fmt(max(means))}"
+    why = ("; reconstruction error measures one Gibbs step away from the data, not the probability the model "
+           "gives the data, so it is the likelihood that says which k trains the better generative model")
+    if ll.any_separated and not rec.any_separated:
+        return (f"Reconstruction error and likelihood disagree: the test reconstruction error is {rec_range} "
+                f"across k ({NO_DIFFERENCE}) while the RBM's test log-likelihood moves by {_effect(ll)}{why}.")
+    if rec.any_separated and not ll.any_separated:
+        return (f"Reconstruction error and likelihood disagree: the test reconstruction error is lowest at "
+                f"k={_ks(rec.best)} ({rec.stats[rec.top].cell()}; range {rec_range}) while the RBM's test "
+                f"log-likelihood shows {NO_DIFFERENCE}{why}.")
+    if rec.any_separated and ll.any_separated:
+        if set(ll.best) & set(rec.best):
+            return (f"Reconstruction error and likelihood agree: the log-likelihood is highest at k={_ks(ll.best)}, "
+                    f"the reconstruction error lowest at k={_ks(rec.best)} ({rec.stats[rec.top].cell()}).")
+        return (f"Reconstruction error and likelihood disagree about the best k: the log-likelihood is highest at "
+                f"k={_ks(ll.best)} ({fmt(ll.stats[ll.top].mean)} nats), the reconstruction error lowest at "
+                f"k={_ks(rec.best)} ({rec.stats[rec.top].cell()}){why}.")
+    return (f"Neither the RBM's test log-likelihood nor its test reconstruction error ({rec_range}) differs "
+            "measurably between values of k.")
+
+
+def gap_text(rows: dict[str, pd.DataFrame]) -> str | None:
+    """AIS against RAISE, per trial and model: the disagreement is uncertainty, and is counted as such."""
+    parts = []
+    for stage, frame in rows.items():
+        gap = frame["gap"].dropna()
+        if gap.empty:
+            continue
+        side = "above" if (gap > 0).all() else "below" if (gap < 0).all() else "on either side of"
+        parts.append(f"by a median of {fmt(float(gap.abs().median()))} nats per trial for the {STAGES[stage]} "
+                     f"(AIS minus RAISE from {fmt(float(gap.min()))} to {fmt(float(gap.max()))}, AIS {side} RAISE)")
+    if not parts:
+        return None
+    paired = all(bool(f["paired"][f["gap"].notna()].all()) for f in rows.values())
+    how = ("measured image by image on the images RAISE scored" if paired else
+           "between RAISE on its images and AIS on all test images, so the images' difference is in it too")
+    return ("AIS and RAISE disagree " + "; ".join(parts) + f" ({how}); the intervals that claims are judged by "
+            "span both estimates.")
+
+
+def seconds_text(summary: pd.DataFrame, stalled: pd.DataFrame, label: Callable[[pd.Series], str]) -> str | None:
+    if summary.empty:
+        return None
+    first, last = summary.iloc[0], summary.iloc[-1]
+    text = (f"Time: an RBM epoch took a median of {fmt(first['median'])} s at k={int(first['k'])} and "
+            f"{fmt(last['median'])} s at k={int(last['k'])}")
+    if first["median"] > 0 and len(summary) > 1:
+        text += f" ({fmt(last['median'] / first['median'])} times as long)"
+    text += "; medians and ranges per k are in the table."
+    for _, row in stalled.iterrows():
+        text += (f" {label(row)[0].upper()}{label(row)[1:]} (k={int(row['k'])}, seed {_seed(row['seed'])}) "
+                 f"took {fmt(row['_s'])} s per epoch, {fmt(row['factor'], 1)} times the median of the other "
+                 f"trials at its k ({fmt(row['reference'])} s): a stalled trial, left out of the seconds (its "
+                 "likelihoods are kept).")
+    return text
+
+
+def _seed(value: Any) -> str:
+    return "unknown" if value is None or (isinstance(value, float) and math.isnan(value)) or value == -1 \
+        else str(int(value))
+
+
+def curves_text(epochs: pd.DataFrame, trials: pd.DataFrame) -> str | None:
+    """What the likelihood curves show: per k, where the validation log-likelihood peaks and
+    whether it measurably falls after the peak (the drop judged per seed, with its t-interval)."""
+    data = _curve_data(epochs, trials)
+    data = data[data["stage"] == "rbm"]
+    if data.empty:
+        return None
+    falls, holds, single = [], [], []
+    for k, group in data.groupby("k", sort=True):
+        by_seed = group.groupby(["seed", "epoch"])["value"].mean().unstack("epoch")
+        mean = by_seed.mean()
+        peak, last = int(mean.idxmax()), int(mean.index.max())
+        if peak == last:
+            holds.append(k)
+            continue
+        drop = (by_seed[last] - by_seed[peak]).dropna()
+        low, high = t_interval(drop)
+        if math.isnan(low):
+            single.append(k)
+        elif high < 0:
+            falls.append(f"at k={k} it peaks at epoch {peak} ({fmt(mean[peak])}) and ends {fmt(-float(drop.mean()))} "
+                         f"nats lower at epoch {last} (interval of the fall over {len(drop)} seeds "
+                         f"[{fmt(-high)}, {fmt(-low)}])")
+        else:
+            holds.append(k)
+    text = "Validation log-likelihood while training (the cheap AIS curves): "
+    parts = falls[:]
+    if holds:
+        parts.append(f"no fall after the peak is measured at k={_ks(holds)}")
+    if single:
+        parts.append(f"k={_ks(single)} {'has' if len(single) == 1 else 'have'} one seed, not judged")
+    return text + "; ".join(parts) + "."
+
+
+# --- tables ---------------------------------------------------------------------------------------
+def k_table(
+    rows: dict[str, pd.DataFrame], recon: pd.DataFrame, seconds: pd.DataFrame, stalled: pd.DataFrame,
+    trials: pd.DataFrame,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the per-k table of the report, its long CSV form)."""
+    ks = sorted(int(k) for k in trials["k"].unique())
+    stat = {stage: per_k(r) for stage, r in rows.items()}
+    rbm = rows.get("rbm", pd.DataFrame())
+    ais = per_k(rbm, lo="ais_lo", hi="ais_hi") if not rbm.empty else {}
+    has_raise = not rbm.empty and rbm["raise"].notna().any()
+    raise_ = per_k(rbm, value="raise", lo="raise_lo", hi="raise_hi") if has_raise else {}
+    gaps = seed_cells(rbm, "gap") if has_raise else pd.DataFrame()
+    rec = per_k(recon)
+    sec = seconds.set_index("k") if not seconds.empty else pd.DataFrame()
+    published = "hidden" in trials and (trials["hidden"] == PUBLISHED_HIDDEN).all()
+    table, long = [], []
+    for k in ks:
+        at = trials[trials["k"] == k]
+        seeds = at["seed"].fillna(-1).nunique()
+        row = {"k": k, "seeds": str(seeds) if seeds == len(at) else f"{seeds} ({len(at)} trials)"}
+        row["RBM test LL, AIS"] = ais[k].cell() if k in ais else "not recorded"
+        row["RBM test LL, RAISE"] = raise_[k].cell() if k in raise_ else "not recorded"
+        gap = gaps[gaps["k"] == k]["value"].dropna() if has_raise else pd.Series(dtype=float)
+        row["AIS - RAISE (RBM)"] = fmt(float(gap.mean())) if not gap.empty else "n/a"
+        for stage, name in (("dbn", "DBN bound"), ("finetune", "fine-tuned DBN bound")):
+            row[name] = stat[stage][k].cell() if stage in stat and k in stat[stage] else "not recorded"
+        row["recon error"] = rec[k].cell() if k in rec else "not recorded"
+        if k in sec.index:
+            s = sec.loc[k]
+            cell = f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])})"
+            n_stalled = int((stalled["k"] == k).sum()) if not stalled.empty else 0
+            row["s / RBM epoch, median (range)"] = cell + (f", {n_stalled} stalled left out" if n_stalled else "")
+        else:
+            row["s / RBM epoch, median (range)"] = "not recorded"
+        if published:
+            row[f"published, {PUBLISHED_HIDDEN} hidden (S&M 2008)"] = (
+                fmt(PUBLISHED_LL[k], 1) if k in PUBLISHED_LL else "")
+        table.append(row)
+    for metric, per in [*((f"{s}.test.log_likelihood", stat[s]) for s in stat),
+                        ("rbm.test.log_likelihood (AIS only)", ais), ("rbm.test.log_likelihood_raise", raise_),
+                        (RECON, rec)]:
+        long += [{"k": k, "metric": metric, "n": s.seeds, "trials": s.trials, "mean": s.mean,
+                  "ci_low": s.ci_low, "ci_high": s.ci_high, "low": s.low, "high": s.high} for k, s in per.items()]
+    return pd.DataFrame(table), pd.DataFrame(long)
+
+
+def trial_table(rows: dict[str, pd.DataFrame], trials: pd.DataFrame, stalled: pd.DataFrame,
+                label: Callable[[pd.Series], str]) -> pd.DataFrame:
+    """Per trial: both estimates, their gap, and the intervals."""
+    def interval(r: pd.Series | None) -> str:
+        if r is None:
+            return "not recorded"
+        text = f"{fmt(r['est'])} [{fmt(r['ais_lo'])}, {fmt(r['ais_hi'])}]"
+        return text + (f" ± {fmt(r['se'])}" if pd.notna(r["se"]) else "")
+
+    by_stage = {s: r.set_index("trial_id") for s, r in rows.items()}
+    stalled_ids = set(stalled["trial_id"]) if not stalled.empty else set()
+    out = []
+    for _, t in trials.sort_values(["k", "seed"]).iterrows():
+        tid = t["trial_id"]
+        mine = {s: r.loc[tid] for s, r in by_stage.items() if tid in r.index}
+        rbm = mine.get("rbm")
+        sec = _column(trials.loc[[t.name]], SECONDS).iloc[0]
+        out.append({
+            "trial": label(t), "k": int(t["k"]), "seed": _seed(t["seed"]),
+            "RBM AIS [interval] ± se": interval(rbm),
+            "RBM RAISE ± se": "not recorded" if rbm is None or pd.isna(rbm["raise"]) else
+            f"{fmt(rbm['raise'])}" + (f" ± {fmt(rbm['raise_se'])}" if pd.notna(rbm["raise_se"]) else ""),
+            "AIS - RAISE": fmt(rbm["gap"]) if rbm is not None else "n/a",
+            "RBM log Z sd": fmt(_column(trials.loc[[t.name]], "rbm.log_z_sd").iloc[0], 3),
+            "DBN bound": interval(mine.get("dbn")),
+            "fine-tuned bound": interval(mine.get("finetune")),
+            "s / RBM epoch": fmt(sec) + (" (stalled)" if tid in stalled_ids else ""),
+        })
+    return pd.DataFrame(out)
+
+
+# --- figures --------------------------------------------------------------------------------------
+def models_figure(rows: dict[str, pd.DataFrame], trials: pd.DataFrame, out: Path) -> FigureFile | None:
+    """The three models on one axis: x = k, y = test log-likelihood (RBM) or bound (DBNs), each
+    with its interval (the one claims are judged by) and every seed as a dot; RAISE as open squares."""
+    series = [(s, per_k(r), seed_cells(r)) for s, r in rows.items() if not r.empty]
+    if not series:
+        return None
+    rbm = rows.get("rbm")
+    if rbm is not None and rbm["raise"].notna().any():
+        series.append(("raise", per_k(rbm, value="raise", lo="raise_lo", hi="raise_hi"), seed_cells(rbm, "raise")))
+    finite = np.array([x for _, per, _ in series for s in per.values() for x in (s.mean, s.low, s.high)
+                       if np.isfinite(x)])
+    margin = 0.08 * (finite.max() - finite.min()) if finite.size and np.ptp(finite) > 0 else 1.0
+    bottom, top = finite.min() - margin, finite.max() + margin
+    fig, ax = plt.subplots(figsize=(8.5, 5.4))
+    names = {**{s: f"{name} ({'log-likelihood, AIS' if s == 'rbm' else 'lower bound'})"
+                for s, name in STAGES.items()}, "raise": "RBM (log-likelihood, RAISE)"}
+    colours = {"rbm": "C0", "raise": "C0", "dbn": "C1", "finetune": "C2"}
+    shift = {"rbm": 0.97, "raise": 1.03, "dbn": 1.0, "finetune": 1.0}  # RAISE beside AIS, not on top of it
+    for stage, per, cells in series:
+        ks = sorted(per)
+        x = np.array(ks, dtype=float) * shift[stage]
+        mean = np.array([per[k].mean for k in ks])
+        # an unbounded end is drawn to the edge of the axis; a missing one (one seed) not at all
+        low, high = np.array([per[k].low for k in ks]), np.array([per[k].high for k in ks])
+        low = np.where(np.isnan(low), mean, np.maximum(low, bottom))
+        high = np.where(np.isnan(high), mean, np.minimum(high, top))
+        open_marker = stage == "raise"
+        ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="s" if open_marker else "o-", capsize=4,
+                    color=colours[stage], mfc="white" if open_marker else colours[stage], label=names[stage], lw=1.6)
+        ax.scatter(cells["k"] * shift[stage], cells["value"], s=12, color=colours[stage], alpha=0.35, zorder=3)
+    if "hidden" in trials and (trials["hidden"] == PUBLISHED_HIDDEN).all():
+        pub = [k for k in PUBLISHED_LL if k in set(trials["k"])]
+        if pub:
+            ax.scatter(pub, [PUBLISHED_LL[k] for k in pub], marker="x", s=60, color="black",
+                       label=f"S&M 2008, RBM {PUBLISHED_HIDDEN} hidden", zorder=4)
+    all_k = sorted(int(k) for k in trials["k"].unique())
+    ax.set_xscale("log")
+    ax.set_xticks(all_k)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([str(k) for k in all_k]))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_ylim(bottom, top)
+    ax.set_xlabel("k in CD-k (the first RBM's training)")
+    ax.set_ylabel("test log-likelihood or its lower bound (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="best")
+    ax.set_title("The three models against k: mean over seeds and the interval claims are judged by", fontsize=11)
     path = out / "k_metrics.png"
     figures.save(fig, path)
-    sns.reset_orig()
-    return FigureFile(path, "Final metrics against k", grids=[(rows, cols)])
+    return FigureFile(path, "The three models against k", (
+        "Each point: the mean over seeds at that k; bars: the seeds' 95% t-interval widened by the estimators' own "
+        "uncertainty (AIS's interval, RAISE, 2 standard errors); dots: single seeds. Bars reaching the edge are "
+        "unbounded there. A difference between k is claimed only where bars do not overlap."))
+
+
+def _curve_data(epochs: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    if epochs.empty:
+        return pd.DataFrame(columns=["stage", "epoch", "value", "k", "seed"])
+    data = epochs[epochs["name"] == CURVE_METRIC].merge(trials[["trial_id", "k", "seed"]], on="trial_id")
+    return data.assign(seed=data["seed"].fillna(-1), k=data["k"].astype(int))
+
+
+def likelihood_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out: Path) -> FigureFile | None:
+    """val_log_likelihood over epochs, one line per k (mean over seeds, band: the seeds' range)."""
+    data = _curve_data(epochs, trials)
+    if data.empty:
+        return None
+    stages = [s for s in STAGES if s in set(data["stage"])]
+    ks = sorted(data["k"].unique())
+    colours = dict(zip(ks, plt.get_cmap("viridis")(np.linspace(0, 0.9, len(ks))), strict=True))
+    fig, axes = plt.subplots(1, len(stages), figsize=(6.5 * len(stages), 4.3), squeeze=False)
+    for ax, stage in zip(axes[0], stages, strict=True):
+        part = data[data["stage"] == stage]
+        for k, group in part.groupby("k", sort=True):
+            by_seed = group.groupby(["seed", "epoch"])["value"].mean().unstack("epoch")
+            epochs_ = by_seed.columns.to_numpy()
+            ax.plot(epochs_, by_seed.mean(), marker="o", ms=3, color=colours[k], label=f"k={k}")
+            if len(by_seed) > 1:
+                ax.fill_between(epochs_, by_seed.min(), by_seed.max(), color=colours[k], alpha=0.15)
+        ax.set_title(f"{STAGES[stage]}: validation log-likelihood (cheap AIS)", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("nats")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    path = out / "k_likelihood_curves.png"
+    figures.save(fig, path)
+    return FigureFile(path, "Likelihood curves per k",
+                      "Mean over seeds per k; band: the range over seeds. The curves use their own cheap AIS "
+                      "settings, so their level is rougher than the final numbers'.")
 
 
 def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out: Path) -> FigureFile | None:
@@ -168,6 +834,79 @@ def learning_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out: Path) -> Fi
     return FigureFile(path, "Learning curves per k")
 
 
+# --- the section ------------------------------------------------------------------------------------
+def write_section(
+    doc: Document, done: pd.DataFrame, epochs: pd.DataFrame, out: Path, configs: dict[int, dict] | None = None,
+    sampler: str | None = None, label: Callable[[pd.Series], str] = default_label,
+) -> None:
+    """The k-comparison into `doc`: sentences first, then the per-k table, the figures, the per-trial
+    table; `k_comparison.csv` and `k_trials.csv` into `out`. `done`: the completed trials as
+    `overview.trials_table` gives them (k as int); `epochs`: their per-epoch metrics; `configs`: trial
+    id -> trial config (for settings not stored as metrics); `label`: how a trial is named."""
+    configs = configs or {}
+    ks = sorted(int(k) for k in done["k"].unique())
+    doc.text(_intro(done, ks))
+    compared, caveat, may_claim = matched_trials(done, sampler)
+    if caveat:
+        doc.note(caveat, label="Caveat")
+
+    rows = {s: trial_estimates(compared, s) for s in STAGES if _has(compared, f"{s}.test.log_likelihood")}
+    recon = plain_values(compared, RECON)
+    summary, stalled = seconds_summary(compared)
+    if may_claim:
+        verdicts = {s: v for s, r in rows.items() if (v := judge(r)) is not None}
+        for sentence in (lead_text(verdicts),
+                         *(model_text(s, v) for s, v in verdicts.items() if s == "rbm" or v.any_separated),
+                         recon_text(verdicts.get("rbm"), judge(recon, "lower")),
+                         curves_text(epochs, compared)):
+            if sentence:
+                doc.text(sentence)
+        if not verdicts:
+            doc.note("no test log-likelihoods recorded at two or more values of k, so there is nothing to compare.")
+    for sentence in (gap_text(rows), *missing_text(compared),
+                     seconds_text(summary, stalled, label), settings_text(compared, configs),
+                     answer_published(compared) if may_claim else None):
+        if sentence:
+            doc.text(sentence)
+
+    table, long = k_table(rows, recon, summary, stalled, compared)
+    long.to_csv(out / "k_comparison.csv", index=False)
+    doc.table(table, (
+        "Per k: mean over seeds [interval]. RBM columns: the seeds' 95% t-interval widened by the estimator's "
+        "own uncertainty (AIS: its log Z interval ± 2 test-set standard errors; RAISE: ± 2 standard errors, on "
+        "the images it scored); their gap is AIS minus RAISE (on the same images where recorded). DBN bounds: "
+        "the interval claims are judged by, spanning AIS's interval and RAISE's side where there is one. A "
+        "difference between k is claimed only where the envelope of the intervals separates. Recon error: the "
+        "seeds' t-interval. Seconds: median and range over trials, stalled trials left out."))
+    doc.figure(models_figure(rows, compared, out))
+    curves = likelihood_curves(epochs, compared, out)
+    if curves is None:
+        doc.note(f"no likelihood curves recorded (per-epoch `{CURVE_METRIC}`; set eval.curve_every to record them).")
+    doc.figure(curves)
+    learning = learning_curves(epochs, compared, out)
+    if learning is None:
+        doc.note("none of the per-epoch training metrics (reconstruction error, pseudo-log-likelihood, free-energy "
+                 "gap) are recorded, so there are no learning curves of them.")
+    doc.figure(learning)
+    per_trial = trial_table(rows, compared, stalled, label)
+    per_trial.to_csv(out / "k_trials.csv", index=False)
+    doc.table(per_trial, "Per trial: AIS estimate [its interval widened by 2 standard errors] ± standard error, "
+                         "RAISE, their gap, the spread of log Z over AIS repeats, and the DBN bounds")
+
+
+def _intro(done: pd.DataFrame, ks: list[int]) -> str:
+    seeds = done.assign(seed=done["seed"].fillna(-1)).groupby("k")["seed"].nunique()
+    count = done.groupby("k").size()
+    if seeds.nunique() == 1 and (seeds == count).all():
+        per = f"{int(seeds.iloc[0])} seed{'s' if seeds.iloc[0] != 1 else ''} at each k"
+    else:
+        per = "; ".join(f"k={k}: {int(count[k])} trial{'s' if count[k] != 1 else ''}, {int(seeds[k])} "
+                        f"distinct seed{'s' if seeds[k] != 1 else ''}" for k in ks)
+    return (f"{len(done)} completed trials over k = {_ks(ks)} ({per}). Trials with the same k and seed are "
+            "averaged first: the seeds, not the trials, are the sample.")
+
+
+# --- samples and the DBN question (kept from the lab's second question) ------------------------------
 def sample_stats(samples_by_trial: dict[int, dict[str, dict]]) -> pd.DataFrame:
     """Per trial and model: sharpness (mean pixel entropy) and diversity of its samples
     (`samples_by_trial[trial][stage]` is `figures.sample(model)`)."""
@@ -180,8 +919,11 @@ def sample_stats(samples_by_trial: dict[int, dict[str, dict]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["trial_id", "stage", "pixel_entropy", "diversity", "pv"])
 
 
-def samples_per_k(samples: pd.DataFrame, representatives: dict[int, int], out: Path) -> FigureFile | None:
-    """One row of samples per k and model, from the same start states (figures.start_states)."""
+def samples_per_k(
+    samples: pd.DataFrame, representatives: dict[int, int], out: Path, numbers: dict[int, int] | None = None
+) -> FigureFile | None:
+    """One row of samples per k and model, from the same start states (figures.start_states);
+    `numbers`: trial id -> the trial's number, as users know it (else the id is shown)."""
     rows = []
     names = {"rbm": "RBM", "dbn": "DBN", "finetune": "fine-tuned DBN"}
     for k, trial_id in sorted(representatives.items()):
@@ -189,7 +931,8 @@ def samples_per_k(samples: pd.DataFrame, representatives: dict[int, int], out: P
         for stage in ("rbm", "dbn", "finetune"):
             if stage in mine.index:
                 pv = mine.loc[stage, "pv"][figures.N_CHAINS:]
-                rows.append((f"k={k} {names[stage]}\n(trial {trial_id})", pv, (28, 28), figures.N_CHAINS + 1))
+                shown = (numbers or {}).get(trial_id, trial_id)
+                rows.append((f"k={k} {names[stage]}\n(trial {shown})", pv, (28, 28), figures.N_CHAINS + 1))
     if not rows:
         return None
     return figures.image_rows(
@@ -201,88 +944,6 @@ def samples_per_k(samples: pd.DataFrame, representatives: dict[int, int], out: P
         f"units on, seed {figures.SAMPLE_SEED}).",
         column_label="chain",
     )
-
-
-# --- the written answer ----------------------------------------------------------------------------
-def _row(stats_long: pd.DataFrame, metric: str, k: int) -> pd.Series:
-    return stats_long[(stats_long["metric"] == metric) & (stats_long["k"] == k)].iloc[0]
-
-
-def _cell(r: pd.Series) -> str:
-    if math.isnan(r["ci_low"]):
-        return f"{fmt(r['mean'])} (one seed, no interval)"
-    return f"{fmt(r['mean'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]"
-
-
-def best_k(stats_long: pd.DataFrame, metric: str) -> int | None:
-    part = stats_long[stats_long["metric"] == metric]
-    if part.empty:
-        return None
-    index = part["mean"].idxmax() if BETTER[metric] == "higher" else part["mean"].idxmin()
-    return int(part.loc[index, "k"])
-
-
-def _resolved(a: pd.Series, b: pd.Series) -> str:
-    if math.isnan(a["ci_low"]) or math.isnan(b["ci_low"]):
-        return "with a single seed at one end there is no interval to judge it by"
-    if a["ci_high"] < b["ci_low"] or b["ci_high"] < a["ci_low"]:
-        return "the 95% intervals do not overlap"
-    return "the 95% intervals overlap, so the seeds do not resolve this difference"
-
-
-def answer_k(stats_long: pd.DataFrame, trials: pd.DataFrame) -> list[str]:
-    """Paragraphs answering 'what changes when k grows?', every number from `stats_long`."""
-    ks = sorted(stats_long["k"].unique())
-    low_k, high_k = ks[0], ks[-1]
-    out = []
-    for metric, label, better in METRICS:
-        if stats_long[stats_long["metric"] == metric].empty:
-            continue
-        if not ({low_k, high_k} <= set(stats_long[stats_long["metric"] == metric]["k"])):
-            continue
-        a, b = _row(stats_long, metric, low_k), _row(stats_long, metric, high_k)
-        change = b["mean"] - a["mean"]
-        direction = "rises" if change > 0 else "falls" if change < 0 else "stays"
-        best = best_k(stats_long, metric)
-        sentence = (
-            f"**{label}** {direction} from {_cell(a)} at k={low_k} to {_cell(b)} at k={high_k} "
-            f"(change {fmt(change)}; {_resolved(a, b)}); the best k by this measure ({better} is better) is k={best}."
-        )
-        out.append(sentence)
-
-    ll, rec = best_k(stats_long, "rbm.test.log_likelihood"), best_k(stats_long, "rbm.test.recon_error")
-    if ll is not None and rec is not None:
-        a_ll = _row(stats_long, "rbm.test.log_likelihood", ll)
-        a_rec = _row(stats_long, "rbm.test.recon_error", rec)
-        if ll != rec:
-            out.append(
-                f"**Reconstruction error and likelihood disagree about the best k**: the test log-likelihood is "
-                f"highest at k={ll} ({fmt(a_ll['mean'])} nats) while the reconstruction error is lowest at "
-                f"k={rec} ({fmt(a_rec['mean'])}). Reconstruction error measures one Gibbs step away from the "
-                "data, not how much probability the model gives to the data, so it is the likelihood that answers "
-                "which k trains the better generative model."
-            )
-        else:
-            out.append(
-                f"Reconstruction error and likelihood agree about the best k: both prefer k={ll} "
-                f"(log-likelihood {fmt(a_ll['mean'])} nats, reconstruction error {fmt(a_rec['mean'])})."
-            )
-    if {"rbm.seconds_per_epoch"} <= set(stats_long["metric"]):
-        part = stats_long[stats_long["metric"] == "rbm.seconds_per_epoch"].set_index("k")["mean"]
-        if low_k in part and high_k in part and part[low_k] > 0:
-            out.append(
-                f"Time: an RBM epoch takes {fmt(part[low_k])} s at k={low_k} and {fmt(part[high_k])} s "
-                f"at k={high_k}, {fmt(part[high_k] / part[low_k])} times as long."
-            )
-    if "rbm.log_z_exact" in trials:
-        exact = int((trials["rbm.log_z_exact"] == 1.0).sum())
-        total = int(trials["rbm.log_z_exact"].notna().sum())
-        how = f"{exact} of {total} RBM log-likelihoods are exact (log Z by enumeration)"
-        if exact < total and "eval.ais_chains" in trials:
-            how += (f"; the others use AIS with {int(trials['eval.ais_chains'].median())} chains and "
-                    f"{int(trials['eval.ais_betas'].median())} inverse temperatures")
-        out.append(how + ".")
-    return out
 
 
 def answer_published(trials: pd.DataFrame) -> str | None:

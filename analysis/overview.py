@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+
 from rbm_study.analysis import figures
 from rbm_study.analysis.figures import FigureFile
 
@@ -46,6 +47,12 @@ def trials_table(trials: pd.DataFrame, finals: pd.DataFrame) -> pd.DataFrame:
             row.update(wide.loc[int(t.id)].to_dict())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def for_users(table: pd.DataFrame) -> pd.DataFrame:
+    """A trials table as users see it: each trial named by its number (`trial`), the one that
+    `status` shows and `--trial` takes; the database's row id stays internal."""
+    return table.drop(columns=["trial_id"], errors="ignore").rename(columns={"number": "trial"})
 
 
 def _last_line(error: Any) -> str:

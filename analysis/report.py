@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+
 from rbm_study.analysis import figures, kcompare, overview
 from rbm_study.analysis.html import Document, write
 from rbm_study.analysis.load import Snapshot, open_snapshot
@@ -67,23 +68,20 @@ def _samples(snap: Snapshot, trial_id: int, models: dict[str, labfiles.Model]) -
     return _SAMPLES[key]
 
 
-def _trial_label(row: pd.Series) -> str:
-    return f"trial {int(row['trial_id'])}, k={row['k']}, seed={row['seed']}"
-
-
 def build(
-    db: str | Path, out: str | Path, name: str | None = None, trial_id: int | None = None,
+    db: str | Path, out: str | Path, name: str | None = None, trial: int | None = None,
     data_dir: str | Path | None = None,
 ) -> Path:
-    """Write the report of one study into `out`; returns the path of index.html. `data_dir`: where
-    MNIST is, for the reconstruction figures (see `load_test_digits`)."""
+    """Write the report of one study into `out`; returns the path of index.html. `trial`: a trial
+    number (as `status` shows it) whose figures are drawn too; `data_dir`: where MNIST is, for the
+    reconstruction figures (see `load_test_digits`)."""
     out = Path(out)
     with open_snapshot(db) as snap:
-        study = snap.study(name, trial_id)
-        if trial_id is not None:
-            snap.trial(trial_id, int(study["id"]))
+        study = snap.study(name)
+        if trial is not None:
+            snap.trial(int(study["id"]), trial)
         out.mkdir(parents=True, exist_ok=True)
-        doc = _build(snap, study, trial_id, out, data_dir)
+        doc = _build(snap, study, trial, out, data_dir)
         write(doc, out)
         for key in [k for k in _SAMPLES if k[0] == str(snap.copy)]:
             del _SAMPLES[key]
@@ -93,7 +91,7 @@ def build(
 def _build(snap: Snapshot, study: pd.Series, asked: int | None, out: Path, data_dir: str | Path | None) -> Document:
     trials = snap.study_trials(int(study["id"]))
     table = overview.trials_table(trials, snap.final_metrics)
-    table.to_csv(out / "trials.csv", index=False)
+    overview.for_users(table).to_csv(out / "trials.csv", index=False)
     # Several objectives are stored comma-separated; tables, the history and "best" rank by the first.
     metrics, modes = str(study["objective_metric"]).split(","), str(study["objective_mode"]).split(",")
     metric, mode = metrics[0], modes[0]
@@ -125,8 +123,8 @@ def _build(snap: Snapshot, study: pd.Series, asked: int | None, out: Path, data_
     else:
         doc.note("no trial has completed yet, so there are no figures of trained models.")
     if asked is not None:
-        row = table[table["trial_id"] == asked].iloc[0]
-        if not to_draw or int(to_draw[0][1]["trial_id"]) != asked:
+        row = table[table["number"] == asked].iloc[0]
+        if not to_draw or int(to_draw[0][1]["number"]) != asked:
             to_draw.append(("trial asked for with --trial", row))
     grey = binary = None
     why = ""
@@ -136,8 +134,8 @@ def _build(snap: Snapshot, study: pd.Series, asked: int | None, out: Path, data_
         if grey is None:
             doc.note(why)
     for reason, row in to_draw:
-        tid = int(row["trial_id"])
-        doc.heading(f"Trial {tid} (#{int(row['number'])}): {reason}", level=3)
+        tid, number = int(row["trial_id"]), int(row["number"])
+        doc.heading(f"Trial {number}: {reason}", level=3)
         doc.text(
             f"k={row['k']}, seed={row['seed']}, state {row['state']}, objective `{metric}` = "
             f"{kcompare.fmt(row['objective'])}; searched parameters: "
@@ -146,11 +144,11 @@ def _build(snap: Snapshot, study: pd.Series, asked: int | None, out: Path, data_
         )
         models = _models(snap, tid)
         if not models:
-            doc.note(f"trial {tid} has no weight files in the database (state {row['state']}).")
+            doc.note(f"trial {number} has no weight files in the database (state {row['state']}).")
             continue
         drawn = _samples(snap, tid, models)
-        for fig in figures.lab_figures(models, out, f"trial{tid}_", f"trial {tid}, k={row['k']}", grey, binary,
-                                       drawn):
+        for fig in figures.lab_figures(models, out, f"trial{number}_", f"trial {number}, k={row['k']}", grey,
+                                       binary, drawn):
             doc.figure(fig)
 
     # --- k-comparison ----------------------------------------------------------------------------
@@ -176,7 +174,7 @@ def _build(snap: Snapshot, study: pd.Series, asked: int | None, out: Path, data_
         if best.empty:
             doc.note("no completed trial with an objective value yet, so no best trials.")
         else:
-            doc.table(best, f"Best trials by `{metric}` ({mode}imised)")
+            doc.table(overview.for_users(best), f"Best trials by `{metric}` ({mode}imised)")
         doc.figure(overview.history_figure(table, metric, mode, out))
         values, reason = overview.importances(snap.optuna_study(str(study["name"])))
         if values is None:
@@ -190,12 +188,13 @@ def _build(snap: Snapshot, study: pd.Series, asked: int | None, out: Path, data_
         if problems.empty:
             doc.text("None.")
         else:
-            doc.table(problems, "With the reason recorded in the database")
+            doc.table(overview.for_users(problems), "With the reason recorded in the database")
     doc.heading("Files", level=3)
     doc.text(
         "`trials.csv`: every trial of the study with its state, parameters and final metrics; "
         "`k_comparison.csv` (when there is a k-comparison): the per-k statistics quoted above; the PNG files "
-        "are the figures of this page. Weight files of any trial: `rbm-study export --db DB --trial ID --out DIR`."
+        "are the figures of this page. Weight files of any trial: `rbm-study export --db DB --trial N --out DIR`, "
+        "N the trial's number as shown here and by `rbm-study status`."
     )
     return doc
 
@@ -203,30 +202,12 @@ def _build(snap: Snapshot, study: pd.Series, asked: int | None, out: Path, data_
 def _kcomparison(
     snap: Snapshot, doc: Document, done: pd.DataFrame, trials: pd.DataFrame, ks: list[int], mode: str, out: Path
 ) -> None:
-    stats_long = kcompare.per_k(done)
-    stats_long.to_csv(out / "k_comparison.csv", index=False)
-    count, seeds = done.groupby("k").size(), done.groupby("k")["seed"].nunique()
-    doc.text(
-        f"{len(done)} completed trials over k = {', '.join(map(str, ks))}: "
-        + ", ".join(f"{int(count[k])} at k={k} ({int(seeds[k])} distinct seed{'s' if seeds[k] != 1 else ''})"
-                    for k in ks)
-        + ". Each cell: mean over the trials at that k and a 95% Student-t interval for the mean."
-    )
-    others = [c for c in done.columns if c.startswith("param:") and c not in ("param:rbm.cd_k", "param:seed")
-              and done[c].astype(str).nunique() > 1]
-    if others:
-        doc.note(
-            "other searched parameters also vary between these trials (" + ", ".join(c[6:] for c in others)
-            + "), so a difference between k values mixes their effects with k's.",
-            label="Caveat",
-        )
-    doc.table(kcompare.wide_table(stats_long), "Final metrics per k (test set)")
-    doc.figure(kcompare.metric_plots(done, out))
+    # The k-comparison's sentences, tables and figures (kcompare: what the data shows, and only that).
+    study_config = snap.studies.set_index("id").loc[int(trials["study_id"].iloc[0]), "config"]
+    search = study_config.get("search") if isinstance(study_config, dict) else None
     epochs = snap.epoch_metrics[snap.epoch_metrics["trial_id"].isin(done["trial_id"])]
-    curves = kcompare.learning_curves(epochs, done, out)
-    if curves is None:
-        doc.note("no per-epoch metrics recorded, so no learning curves.")
-    doc.figure(curves)
+    kcompare.write_section(doc, done, epochs, out, configs=dict(zip(trials["id"], trials["config"], strict=True)),
+                           sampler=search.get("sampler") if isinstance(search, dict) else None)
 
     ranked = done[done["objective"].notna()].sort_values("objective", ascending=(mode == "min"))
     representatives = {int(k): int(g.iloc[0]["trial_id"]) for k, g in ranked.groupby("k")}
@@ -237,16 +218,10 @@ def _kcomparison(
         if found:
             drawn[tid] = _samples(snap, tid, found)
     samples = kcompare.sample_stats(drawn)
-    doc.figure(kcompare.samples_per_k(samples, representatives, out))
+    numbers = {int(t): int(n) for t, n in zip(done["trial_id"], done["number"], strict=True)}
+    doc.figure(kcompare.samples_per_k(samples, representatives, out, numbers))
 
-    doc.heading("The handout's questions, answered from the measurements", level=3)
-    doc.text("**1. What changes when k in CD-k grows?**")
-    for paragraph in kcompare.answer_k(stats_long, done):
-        doc.text(paragraph)
-    published = kcompare.answer_published(done)
-    if published:
-        doc.text(published)
-    doc.text("**2. DBN samples against RBM samples.**")
+    doc.heading("DBN samples against RBM samples", level=3)
     answers = kcompare.answer_dbn(done, samples)
     if not answers:
         doc.note("no DBN metrics or weights in the completed trials.")
@@ -260,14 +235,15 @@ def _kcomparison(
         doc.table(per, "Sample statistics per k and model (mean over the trials at that k)")
 
 
-def export(db: str | Path, trial_id: int, out: str | Path) -> list[Path]:
-    """Write the lab's weight files of one trial into `out`."""
+def export(db: str | Path, trial: int, out: str | Path, name: str | None = None) -> list[Path]:
+    """Write the lab's weight files of trial number `trial` of study `name` into `out`."""
     out = Path(out)
     with open_snapshot(db) as snap:
-        row = snap.trial(trial_id)
-        files = snap.weights(trial_id)
+        study = snap.study(name)
+        row = snap.trial(int(study["id"]), trial)
+        files = snap.weights(int(row["id"]))
     if not files:
-        raise UserError(f"trial {trial_id} has no weight files in the database (state {row['state']})")
+        raise UserError(f"trial {trial} has no weight files in the database (state {row['state']})")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name in labfiles.FILE_NAMES.values():

@@ -7,17 +7,8 @@ The repository's folders install under this one name (see pyproject.toml):
     rbm_study.analysis   figures and the k-comparison report, read from a study database
     rbm_study.cli        the `rbm-study` command line
 
-The names below are the public Python API, for notebooks:
-
-    import rbm_study as rs
-
-    data = rs.load_mnist()                                    # $MNIST_ROOT or ./data
-    rbm = rs.train_rbm(data.train, rs.CDSettings(cd_k=1, epochs=5), n_hidden=100)
-    test = rs.binarize_once(data.test)
-    print(rs.mean_log_likelihood(rbm, test, rs.log_z(rbm, base_visible_bias=rs.base_rate_bias(data.train))))
-    rs.save_lab_file(rbm, "zad1_rbm.th")
-
-They are imported on first use, so `import rbm_study` (and the command line's `--help`) stays fast.
+The names in `__all__` are the public Python API, for notebooks (README: "Python API"). They are
+imported on first use, so `import rbm_study` (and the command line's `--help`) stays fast.
 """
 
 from __future__ import annotations
@@ -33,6 +24,7 @@ _PUBLIC = {
     # data
     "load_mnist": "rbm_study.core.data",
     "binarize_once": "rbm_study.core.data",
+    "TEST_BINARIZE_SEED": "rbm_study.core.data",
     "visible_bias_from_means": "rbm_study.core.rbm",
     # training
     "CDSettings": "rbm_study.core.train",

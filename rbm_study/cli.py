@@ -49,6 +49,13 @@ def version_text() -> str:
         return "rbm-study (not installed)"
 
 
+class _Version(argparse.Action):
+    """`--version`, looked up only when asked for (reading the package metadata costs ~0.1 s)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        parser.exit(message=version_text() + "\n")
+
+
 def _db_arg(parser: argparse.ArgumentParser, help_text: str = "the study's database") -> None:
     parser.add_argument("--db", required=True, help=f"{help_text}: a SQLite file path")
 
@@ -58,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rbm-study",
         description="Hyperparameter studies of RBMs and DBNs on MNIST (CD-k, PCD-k, up-down fine-tuning).",
     )
-    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     core, study, analysis = "rbm_study.core.commands", "rbm_study.study.commands", "rbm_study.analysis.commands"
 
@@ -71,12 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     run.set_defaults(func=_run)
 
-    ev = sub.add_parser("evaluate", help="mean log-likelihood (RBM) or its lower bound (DBN) of a lab file")
+    ev = sub.add_parser(
+        "evaluate",
+        help="mean log-likelihood (RBM) or its lower bound (DBN) of a lab file",
+        description="Score a lab weight file on MNIST: one line per method, the estimate last. "
+        "exact enumerates (min(V, H) <= 24), ais estimates log Z forward (leans optimistic), raise "
+        "anneals each image back to the base-rate model (a stochastic lower bound); all runs every "
+        "method that applies, on the same images; auto is exact when it is cheap, else ais.",
+    )
     ev.add_argument("file", help="zad1_rbm.th, zad2_dbn.th or zad3_dbn_ft.th")
     ev.add_argument("--split", choices=("test", "val"), default="test")
-    ev.add_argument("--method", choices=("exact", "ais", "auto"), default="auto")
-    ev.add_argument("--chains", type=int, default=100, help="AIS chains (default 100)")
-    ev.add_argument("--betas", type=int, default=14_500, help="AIS inverse temperatures (default 14500)")
+    ev.add_argument("--method", choices=("exact", "ais", "raise", "all", "auto"), default="auto")
+    ev.add_argument("--images", type=int, metavar="N",
+                    help="score the first N images of the split, with every method (default: all of them, "
+                    "but raise only its first eval.raise_images)")
+    ev.add_argument("--chains", type=int, metavar="M",
+                    help="AIS chains (default 100) or RAISE chains per image (default eval.raise_chains)")
+    ev.add_argument("--betas", type=int, metavar="K",
+                    help="inverse temperatures of AIS and RAISE (default 14500, eval.raise_betas)")
     ev.add_argument("--data-dir", help="MNIST root (default: $MNIST_ROOT, ./data)")
     ev.add_argument("--device", choices=("cpu", "cuda"))
     ev.add_argument("--seed", type=int, default=0)

@@ -13,30 +13,49 @@ from pathlib import Path
 def launch_command(args: argparse.Namespace) -> int:
     from rbm_study.study import driver
     from rbm_study.study.config import load_study_config
-    from rbm_study.study.storage import StudyStorage
+    from rbm_study.study.storage import StudyStorage, inspect_file
 
     study = load_study_config(args.config, args.set)
+    _check_address(args.address)
     name = args.name or Path(args.config).stem
     db = Path(args.db)
-    # Refuse a foreign file or an existing name before Ray starts.
-    storage = StudyStorage(db, create=True)
-    try:
-        storage.require_new_name(name)
-    finally:
-        storage.close()
+    # Refuse a foreign file or an existing name before Ray starts, and before anything is written.
+    if inspect_file(db)[0] == "ours":
+        storage = StudyStorage(db, readonly=True)
+        try:
+            storage.require_new_name(name)
+        finally:
+            storage.close()
     return driver.launch(db, study, name, args.address, progress=not args.quiet)
 
 
 def resume_command(args: argparse.Namespace) -> int:
     from rbm_study.study import driver
 
+    _check_address(args.address)
     return driver.resume(Path(args.db), args.name, args.address, progress=not args.quiet)
 
 
+def _check_address(address: str | None) -> None:
+    """A cluster that does not answer is refused before the database is touched."""
+    if address and address != "local":
+        from rbm_study.study.raynode import driver_node_ip
+
+        driver_node_ip(address)
+
+
 def status_command(args: argparse.Namespace) -> int:
-    from rbm_study.study.progress import render_status
+    import json
+
+    from rbm_study.study.progress import render_status, status_document
     from rbm_study.study.storage import StudyStorage
 
     storage = StudyStorage(Path(args.db), readonly=True)
-    print(render_status(storage, args.name))
+    try:
+        if args.json:
+            print(json.dumps(status_document(storage, args.name), indent=2, allow_nan=False))
+        else:
+            print(render_status(storage, args.name))
+    finally:
+        storage.close()
     return 0

@@ -30,6 +30,7 @@ from rbm_study.core.config import (
     integer,
     load_config,
     mapping,
+    merge,
     number,
     optional_integer,
     set_dotted,
@@ -40,10 +41,16 @@ SCHEDULERS = ("fifo", "asha")
 # The final metrics `core.pipeline.run_lab` produces; an objective must be one of them.
 _STAGES = ("rbm", "dbn", "finetune")
 FINAL_METRICS = frozenset(
-    [f"{s}.{split}.{m}" for s in _STAGES for split in ("val", "test") for m in ("log_likelihood", "recon_error")]
+    [f"{s}.{split}.{m}" for s in _STAGES for split in ("val", "test")
+     for m in ("recon_error", "log_likelihood", "log_likelihood_low", "log_likelihood_high",
+               "log_likelihood_stderr")]
+    + [f"{s}.test.{m}" for s in _STAGES
+       for m in ("log_likelihood_raise", "log_likelihood_raise_stderr", "log_likelihood_raise_gap",
+                 "log_likelihood_raise_gap_stderr")]
     + [f"rbm.{split}.pseudo_log_likelihood" for split in ("val", "test")]
     + ["rbm.free_energy_gap"]
-    + [f"{s}.{m}" for s in _STAGES for m in ("log_z", "log_z_low", "log_z_high", "seconds_per_epoch")]
+    + [f"{s}.{m}" for s in _STAGES for m in ("log_z", "log_z_low", "log_z_high", "log_z_sd", "seconds_per_epoch",
+                                             "ais_seconds", "raise_seconds", "curve_seconds")]
     + ["final.val.log_likelihood", "final.test.log_likelihood"]
 )
 
@@ -98,7 +105,8 @@ STUDY_KEYS = Schema(
 FULL_KEYS = LAB_KEYS.extend(STUDY_KEYS.keys)
 
 # Per-epoch metric names (`core.pipeline`), as each tune.report carries them (see study.trainable).
-EPOCH_METRICS = ("train_recon_error", "seconds", "val_recon_error", "val_pseudo_log_likelihood", "free_energy_gap")
+EPOCH_METRICS = ("train_recon_error", "seconds", "val_recon_error", "val_pseudo_log_likelihood", "free_energy_gap",
+                 "val_log_likelihood", "curve_seconds")
 
 
 def _epoch_metric(key: str, value: Any) -> str:
@@ -268,6 +276,23 @@ def check_study_config(config: dict) -> StudyConfig:
     for p in params:  # and so must every searched value (checked above per key)
         get_dotted(study.config, p.key)
     return study
+
+
+# Keys added since a study could first be stored, whose defaults would change what an older study
+# measures: such a study keeps the value it was planned with (RAISE did not run).
+_ADDED_OFF = {"eval.raise_images": 0}
+
+
+def stored_config(config: dict) -> dict:
+    """A study's config as the database holds it, completed for this release: keys added since it
+    was stored take their defaults, except `_ADDED_OFF`, which keep the older behaviour."""
+    completed = merge(FULL_KEYS.defaults(), _copy(config))
+    for key, value in _ADDED_OFF.items():
+        try:
+            get_dotted(config, key)
+        except (KeyError, TypeError):
+            set_dotted(completed, key, value)
+    return completed
 
 
 def load_study_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:

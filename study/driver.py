@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ from typing import Any
 
 from rbm_study.core.data import ENV_VAR as MNIST_ENV
 from rbm_study.core.errors import UserError
-from rbm_study.study.config import STUDY_SECTIONS, StudyConfig, check_study_config
+from rbm_study.study import lease
+from rbm_study.study.config import STUDY_SECTIONS, StudyConfig, check_study_config, stored_config
 from rbm_study.study.storage import FINISHED_STATES, StudyInfo, StudyStorage
 
 log = logging.getLogger(__name__)
@@ -82,13 +84,15 @@ def start_ray(address: str | None, study: StudyConfig) -> str:
     for key, value in _TUNE_ENV.items():
         os.environ.setdefault(key, value)
     import ray
-    from rbm_study.study.raynode import is_loopback_address, keep_loopback
+
+    from rbm_study.study.internals import keep_loopback
+    from rbm_study.study.raynode import driver_node_ip
 
     keep_loopback()
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":
-        # On a loopback cluster the driver attaches to the raylet on 127.0.0.1 (the head first).
-        node_ip = {"_node_ip_address": "127.0.0.1"} if is_loopback_address(address) else {}
+        claimed = driver_node_ip(address)
+        node_ip = {"_node_ip_address": claimed} if claimed else {}
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **node_ip)
         except (ConnectionError, ValueError, RuntimeError) as err:
@@ -137,145 +141,6 @@ def _max_training_iterations(study: StudyConfig) -> int:
     return max(1, total)
 
 
-# --- the Tune callback that writes the database ---------------------------------------------------
-def _error_text(trial: Any) -> str:
-    try:
-        path = trial.error_file
-        if path and Path(path).exists():
-            text = Path(path).read_text(errors="replace").strip()
-            if text:
-                return text[-4000:]
-    except Exception:
-        pass
-    try:
-        return str(trial.get_error() or "trial failed")[-4000:]
-    except Exception:
-        return "trial failed (no error text from Ray)"
-
-
-def make_database_callback(storage: StudyStorage, info: StudyInfo, study: StudyConfig, searcher: Any):
-    from optuna.trial import TrialState
-    from ray.tune import Callback
-    from rbm_study.study.checkpoints import find_store, forget_blobs, receive_blob
-    from rbm_study.study.search import objective_values
-    from rbm_study.study.trainable import trial_params
-
-    searched = [p.key for p in study.params]
-    asha = study.config["search"]["scheduler"] == "asha"
-
-    class DatabaseCallback(Callback):
-        """Every Tune event that matters becomes one transaction in the database (driver only)."""
-
-        def __init__(self) -> None:
-            self.rows: dict[str, int] = {}
-            self.nodes: dict[str, str] = {}
-            self.final: dict[str, dict] = {}
-            self.keys: dict[str, str] = {}  # Ray trial id -> config key (study.checkpoints)
-
-        def _clear_store(self, trial_id: str) -> None:
-            """Drop what a finished trial left in the store: blobs it sent but never reported, and
-            its checkpoint, unless a trial with the same config is still under way (a retry of it
-            may need it). By name: no actor handle in the callback, which Tune pickles. The store
-            is a cache; the database decides."""
-            forget_blobs(trial_id)
-            key = self.keys.pop(trial_id, None)
-            store = find_store() if key is not None and key not in self.keys.values() else None
-            if store is not None:
-                try:
-                    store.remove.remote(key)
-                except Exception as err:
-                    log.warning("could not drop checkpoint %s from the store: %s", key[:12], err)
-
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info_: Any) -> None:
-            params = trial_params(trial.config, searched)
-            row = storage.start_trial(
-                info.id, ray_trial_id=trial.trial_id, optuna_trial_number=searcher.optuna_number(trial.trial_id),
-                params=params, config=study.lab_config(params),
-            )
-            self.rows[trial.trial_id] = row.id
-            self.nodes.pop(trial.trial_id, None)
-            self.final.pop(trial.trial_id, None)
-
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info_: Any) -> None:
-            row = self.rows.get(trial.trial_id)
-            if row is None:
-                return
-            node = result.get("node")
-            if node and self.nodes.get(trial.trial_id) != node:
-                storage.set_trial_node(row, node)
-                self.nodes[trial.trial_id] = node
-            kind = result.get("kind")
-            if isinstance(result.get("config_key"), str):
-                self.keys[trial.trial_id] = result["config_key"]
-            if kind == "checkpoint":
-                # Popped, so Tune's trial state (last_result, pickled with the experiment) stays small.
-                data = receive_blob(result.pop("checkpoint", None))
-                if isinstance(data, bytes) and data:
-                    storage.save_checkpoint(row, str(result["stage"]), str(result["config_key"]), data)
-            elif kind == "epoch":
-                stage = result["stage"]
-                values = {
-                    k: v for k, v in result.items()
-                    if k.startswith(f"{stage}.") and isinstance(v, (int, float))
-                }
-                storage.add_epoch_metrics(row, stage, int(result["epoch"]),
-                                          {k.split(".", 1)[1]: v for k, v in values.items()})
-            elif kind in ("final", "failed"):
-                weights = receive_blob(result.pop("weights", None))
-                error = result.get("error")
-                if kind == "final" and not weights:  # a completed trial without its files is no result
-                    kind, error = "failed", "the weight files were lost on their way to the driver (see the log)"
-                self.final[trial.trial_id] = {
-                    "kind": kind, "error": error, "weights": weights or {},
-                    "metrics": {
-                        k: float(v) for k, v in result.items()
-                        if ("." in k or k == "lab_seconds") and isinstance(v, (int, float)) and not isinstance(v, bool)
-                    },
-                }
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info_: Any) -> None:
-            row = self.rows.get(trial.trial_id)
-            if row is None:
-                return
-            final = self.final.pop(trial.trial_id, None)
-            self._clear_store(trial.trial_id)  # finish_trial deletes its row in the database
-            if final is None:
-                state = "pruned" if asha else "failed"
-                storage.finish_trial(row, state, error=None if asha else "the trial ended without a final result")
-                searcher.tell(trial.trial_id, TrialState.PRUNED if asha else TrialState.FAIL)
-                return
-            if final["kind"] == "failed":
-                storage.finish_trial(row, "failed", final_metrics=final["metrics"], error=final["error"])
-                searcher.tell(trial.trial_id, TrialState.FAIL)
-                return
-            values = objective_values(study, final["metrics"])
-            if values is None:
-                storage.finish_trial(
-                    row, "failed", final_metrics=final["metrics"], weights=final["weights"],
-                    error=f"objective {', '.join(study.metrics)} missing or not finite in the final metrics",
-                )
-                searcher.tell(trial.trial_id, TrialState.FAIL)
-                return
-            # The database first, then Optuna: see study.search.
-            storage.finish_trial(row, "completed", objective_value=values[0], final_metrics=final["metrics"],
-                                 weights=final["weights"])
-            searcher.tell(trial.trial_id, TrialState.COMPLETE, values)
-
-        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info_: Any) -> None:
-            forget_blobs(trial.trial_id)  # the failed run's; the retry has not started yet
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info_: Any) -> None:
-            row = self.rows.get(trial.trial_id)
-            if row is None:
-                return
-            self.final.pop(trial.trial_id, None)
-            self._clear_store(trial.trial_id)
-            storage.finish_trial(row, "failed", error=_error_text(trial))
-            searcher.tell(trial.trial_id, TrialState.FAIL)
-
-    return DatabaseCallback()
-
-
 # --- launch / resume ------------------------------------------------------------------------------
 def _finished(storage: StudyStorage, study_id: int) -> int:
     counts = storage.counts(study_id)
@@ -297,25 +162,52 @@ def _absolute_data_paths(study: StudyConfig) -> None:
 def launch(db: Path, study: StudyConfig, name: str, address: str | None, progress: bool = True) -> int:
     _absolute_data_paths(study)
     storage = StudyStorage(db, create=True)
+    claim = lease.this_driver()
     info = storage.create_study(
-        name, study.config, study.num_samples, ",".join(study.metrics), ",".join(study.modes), code_version()
+        name, study.config, study.num_samples, ",".join(study.metrics), ",".join(study.modes), code_version(), claim
     )
     print(f"study {name}: {study.num_samples} trials, objective {', '.join(study.metrics)}; database {db}")
-    return run_study(storage, info, study, address, progress)
+    return run_study(storage, info, study, address, lease.adopt(storage, info.id, claim), progress)
 
 
 def resume(db: Path, name: str | None, address: str | None, progress: bool = True) -> int:
     storage = StudyStorage(db)
     info = storage.get_study(name)
-    study = check_study_config(info.config)
-    _absolute_data_paths(study)
-    done = _finished(storage, info.id)
+    held, dead = lease.acquire(storage, info.id, info.name)  # refused (exit 2) while a driver lives
+    if dead is not None:
+        print(f"  taking over from the driver on {dead.host} (pid {dead.pid}), silent since "
+              f"{dead.heartbeat_at:%H:%M:%S} UTC")
+    try:
+        study = check_study_config(stored_config(info.config))
+        _absolute_data_paths(study)
+        done = _finished(storage, info.id)
+    except BaseException:
+        held.release()
+        raise
     print(f"study {info.name}: {done}/{info.num_samples} trials finished before this resume; database {db}")
-    return run_study(storage, info, study, address, progress)
+    return run_study(storage, info, study, address, held, progress)
 
 
 def run_study(storage: StudyStorage, info: StudyInfo, study: StudyConfig, address: str | None,
-              progress: bool = True) -> int:
+              held: lease.Lease, progress: bool = True) -> int:
+    """Run the study's remaining trials while holding its lease; the lease is released on any exit
+    (the end, an error, Ctrl-C, SIGTERM) except a lost one, whose new owner now drives the study."""
+    previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+    try:
+        return _run_remaining(storage, info, study, address, held, progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        held.release()
+
+
+def _sigterm_as_sigint(signum: int, frame: Any) -> None:
+    """SIGTERM stops the study as Ctrl-C does: Tune ends its trials, the database marks them
+    interrupted and the lease is released, so `resume` carries on."""
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def _run_remaining(storage: StudyStorage, info: StudyInfo, study: StudyConfig, address: str | None,
+                   held: lease.Lease, progress: bool) -> int:
     from rbm_study.study.search import StudySearch, optuna_storage, reconcile
 
     interrupted = storage.interrupt_running(info.id)
@@ -334,8 +226,10 @@ def run_study(storage: StudyStorage, info: StudyInfo, study: StudyConfig, addres
     where = start_ray(address, study)
     import ray
     from ray import tune
+
+    from rbm_study.study.callbacks import DatabaseCallback, LeaseLostStopper, ProgressCallback
     from rbm_study.study.checkpoints import start_store
-    from rbm_study.study.progress import ProgressCallback, summary_line
+    from rbm_study.study.progress import summary_line
     from rbm_study.study.trainable import run_trial
 
     started = time.perf_counter()
@@ -347,7 +241,7 @@ def run_study(storage: StudyStorage, info: StudyInfo, study: StudyConfig, addres
         if seed:
             print(f"  {len(seed)} interrupted trial config(s) carry on from their last stage checkpoint")
         searcher = StudySearch(study, info.name, optuna_storage(storage.url))
-        callbacks: list = [make_database_callback(storage, info, study, searcher)]
+        callbacks: list = [DatabaseCallback(storage, info, study, searcher)]
         if progress and study.config["resources"]["progress"]:
             callbacks.append(ProgressCallback(storage, info))
         r = study.config["resources"]
@@ -382,6 +276,7 @@ def run_study(storage: StudyStorage, info: StudyInfo, study: StudyConfig, addres
                 storage_path=str(ray_storage_path(storage.path)),
                 failure_config=tune.FailureConfig(max_failures=r["max_failures"]),
                 callbacks=callbacks,
+                stop=LeaseLostStopper(held.lost),
                 verbose=0,
                 log_to_file=True,
             ),
@@ -391,11 +286,17 @@ def run_study(storage: StudyStorage, info: StudyInfo, study: StudyConfig, addres
         tuner.fit()
         del store
     except BaseException:
-        storage.interrupt_running(info.id)
-        storage.set_study_status(info.id, "interrupted")
+        if not held.lost.is_set():
+            storage.interrupt_running(info.id)
+            storage.set_study_status(info.id, "interrupted")
         raise
     finally:
         ray.shutdown()
+    if held.lost.is_set():
+        raise UserError(
+            f"this driver lost study {info.name!r} to another driver (its heartbeat was silent for over "
+            f"{lease.TIMEOUT_S:.0f} s); it stopped without writing more; see `rbm-study status`"
+        )
     storage.interrupt_running(info.id)  # none should be left; if Tune stopped early, say so
     finished = _finished(storage, info.id)
     status = "completed" if finished >= study.num_samples else "interrupted"

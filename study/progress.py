@@ -7,12 +7,10 @@ readers in during writes) or after it died.
 
 from __future__ import annotations
 
-import sys
-import time
-from typing import TextIO
+from typing import Any
 
-from ray.tune import Callback
-from rbm_study.study.storage import FINISHED_STATES, StudyInfo, StudyStorage, TrialInfo
+from rbm_study.study import lease
+from rbm_study.study.storage import FINISHED_STATES, TRIAL_STATES, StudyInfo, StudyStorage, TrialInfo
 
 
 def trial_epochs(study: StudyInfo, trial: TrialInfo) -> dict[str, int]:
@@ -53,15 +51,28 @@ def _where(t: TrialInfo, epochs: dict[str, int]) -> str:
     return f"{t.last_stage} epoch {t.last_epoch}/{epochs.get(t.last_stage, '?')}"
 
 
+def running_detail(study: StudyInfo, trials: list[TrialInfo]) -> str:
+    """'#3 rbm epoch 4/15; #4 starting' for the running trials."""
+    return "; ".join(f"#{t.number} {_where(t, trial_epochs(study, t))}" for t in trials if t.state == "running")
+
+
+def effective_status(study: StudyInfo, driver_alive: bool) -> str:
+    """The study's status as a reader should take it: 'running' only while a driver lives."""
+    return "interrupted" if study.status == "running" and not driver_alive else study.status
+
+
 def render_status(storage: StudyStorage, name: str | None) -> str:
     """The full status report of one study, from the database alone."""
     study = storage.get_study(name)
     trials = storage.trials(study.id)
+    driver = storage.driver(study.id)
+    alive = lease.is_alive(driver)
     lines = [
         f"study {study.name} in {storage.path}",
-        f"  status {study.status}; created {study.created_at:%Y-%m-%d %H:%M:%S} UTC, "
+        f"  status {effective_status(study, alive)}; created {study.created_at:%Y-%m-%d %H:%M:%S} UTC, "
         f"last update {study.updated_at:%Y-%m-%d %H:%M:%S} UTC"
         + (f", finished {study.finished_at:%Y-%m-%d %H:%M:%S} UTC" if study.finished_at else ""),
+        f"  {lease.describe(driver, study.status)}",
         f"  objective {study.objective_metric} ({study.objective_mode}); sampler "
         f"{study.config['search']['sampler']}; code {study.code_version}",
         "  " + summary_line(study, trials),
@@ -81,38 +92,44 @@ def render_status(storage: StudyStorage, name: str | None) -> str:
     return "\n".join(lines)
 
 
+def status_document(storage: StudyStorage, name: str | None) -> dict[str, Any]:
+    """`status --json`: the same facts as `render_status`, for scripts and monitors."""
+    study = storage.get_study(name)
+    trials = storage.trials(study.id)
+    driver = storage.driver(study.id)
+    alive = lease.is_alive(driver)
+    best = best_trial(study, trials)
+    counts = {state: sum(t.state == state for t in trials) for state in TRIAL_STATES}
+    return {
+        "study": study.name,
+        "database": str(storage.path),
+        "schema_version": storage.schema_version,
+        "status": effective_status(study, alive),
+        "num_samples": study.num_samples,
+        "finished": sum(counts[s] for s in FINISHED_STATES),
+        "counts": counts,
+        "objective": {"metric": study.objective_metric, "mode": study.objective_mode},
+        "best": None if best is None else {"trial": best.number, "value": best.objective_value, "params": best.params},
+        "driver": {
+            "alive": alive,
+            "host": driver.host if driver else None,
+            "pid": driver.pid if driver else None,
+            "heartbeat_age_s": round(lease.heartbeat_age(driver), 1) if driver else None,
+            "heartbeat_timeout_s": lease.TIMEOUT_S,
+            "summary": lease.describe(driver, study.status),
+        },
+        "trials": [
+            {
+                "trial": t.number, "state": t.state, "objective": t.objective_value, "attempt": t.attempt,
+                "stage": t.last_stage, "epoch": t.last_epoch, "node": t.node, "params": t.params,
+                "error": t.error.strip().splitlines()[-1] if t.error and t.error.strip() else None,
+                "started_at": t.started_at.isoformat() + "Z",
+                "finished_at": t.finished_at.isoformat() + "Z" if t.finished_at else None,
+            }
+            for t in trials
+        ],
+    }
+
+
 def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-class ProgressCallback(Callback):
-    """Prints a one-line summary (and each running trial's stage/epoch) at most every `every` s,
-    and a line whenever a trial finishes."""
-
-    def __init__(self, storage: StudyStorage, study: StudyInfo, every: float = 15.0, out: TextIO | None = None):
-        self.storage, self.study, self.every = storage, study, every
-        self.out = out or sys.stdout
-        self._last = 0.0
-
-    def _print(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._last < self.every:
-            return
-        self._last = time.monotonic()
-        trials = self.storage.trials(self.study.id)
-        running = [t for t in trials if t.state == "running"]
-        detail = "; ".join(f"#{t.number} {_where(t, trial_epochs(self.study, t))}" for t in running)
-        stamp = time.strftime("%H:%M:%S")
-        print(f"[{stamp}] {summary_line(self.study, trials)}" + (f" | {detail}" if detail else ""),
-              file=self.out, flush=True)
-
-    def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        self._print()
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._print(force=True)
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._print(force=True)
-
-    def on_experiment_end(self, trials: list, **info) -> None:
-        self._print(force=True)

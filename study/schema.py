@@ -11,10 +11,13 @@ One file holds everything a study produces, so that a report needs only the `.db
     rbm_checkpoints     the last stage checkpoint of a trial that has not finished (at most one a
                         trial, deleted when it finishes): what an interrupted or retried trial
                         resumes from, keyed for lookup by its config key (`study.checkpoints`)
+    rbm_drivers         the study's driver lease (schema version 2): who drives it (host, pid,
+                        start), its heartbeat, and a token that is NULL once released
 
 Optuna's own tables (`studies`, `trials`, ...) live in the same file, which is why ours carry the
 `rbm_` prefix. Every other module talks to the database through `study.storage`; only the driver
-process writes.
+process that holds the study's lease writes. A change to these tables raises SCHEMA_VERSION and adds
+a step to `study.migrations`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APP_NAME = "rbm-study"
 
 # States a trial moves through; 'interrupted' marks a trial that was running when its driver died.
@@ -120,3 +123,17 @@ class Checkpoint(Base):
     config_key: Mapped[str] = mapped_column(String(64), index=True)  # sha256 hex, study.checkpoints.config_key
     data: Mapped[bytes] = mapped_column(LargeBinary)  # study.checkpoints.pack: epoch rows + LabCheckpoint bytes
     created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Driver(Base):
+    """The lease of a study's one live driver: taken by `launch`/`resume`, renewed by a heartbeat,
+    released (token NULL) on a clean stop. A driver is alive while its heartbeat is fresh and, on
+    its own host, its pid runs (`study.lease`)."""
+
+    __tablename__ = "rbm_drivers"
+    study_id: Mapped[int] = mapped_column(ForeignKey("rbm_studies.id"), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
+    token: Mapped[str | None] = mapped_column(String(32), nullable=True)  # NULL: released

@@ -24,6 +24,8 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.samplers import BaseSampler, GridSampler, RandomSampler, TPESampler
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
+
+from rbm_study.study import internals
 from rbm_study.study.config import Param, StudyConfig
 from rbm_study.study.storage import TrialInfo
 
@@ -88,21 +90,43 @@ class StudySearch(OptunaSearch):
         )
 
     def optuna_number(self, trial_id: str) -> int | None:
-        ot_trial = self._ot_trials.get(trial_id)
-        return None if ot_trial is None else ot_trial.number
+        return internals.asked_number(self, trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        return None
+        return None  # intermediate values come from the database callback (`report`)
+
+    def report(self, trial_id: str, value: float, step: int) -> None:
+        """An intermediate value of a running trial, for Optuna's dashboard."""
+        ot_trial = internals.optuna_trial(self, trial_id)
+        if ot_trial is None or not math.isfinite(value):
+            return
+        try:
+            ot_trial.report(value, step)
+        except Exception as err:  # e.g. a multi-objective study, where Optuna takes no intermediate values
+            log.debug("optuna: no intermediate value for trial %s: %s", ot_trial.number, err)
+
+    def set_user_attrs(self, trial_id: str, attrs: dict[str, Any]) -> None:
+        """User attributes of a running trial (the dashboard's 'User Attributes')."""
+        ot_trial = internals.optuna_trial(self, trial_id)
+        if ot_trial is None:
+            return
+        for key, value in attrs.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                value = str(value)  # Optuna stores attributes as JSON, which has no inf or nan
+            try:
+                ot_trial.set_user_attr(key, value)
+            except Exception as err:
+                log.warning("optuna: could not set %s on trial %s: %s", key, ot_trial.number, err)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         return None  # told by `tell` once the database has the trial
 
     def tell(self, trial_id: str, state: TrialState, values: Sequence[float] | None = None) -> None:
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials:
+        ot_trial = internals.optuna_trial(self, trial_id)
+        if ot_trial is None:
             return
-        _tell(self._ot_study, ot_trial.number, state, values)
-        self._completed_trials.add(trial_id)
+        _tell(internals.optuna_study(self), ot_trial.number, state, values)
+        internals.mark_told(self, trial_id)
 
     # Tune pickles searchers into its experiment folder; we resume from the database instead.
     def save(self, checkpoint_path: str) -> None:
@@ -160,7 +184,9 @@ def reconcile(
             values = objective_values(study, final_metrics.get(row.id, {})) if row.state == "completed" else None
             _tell(ot_study, ot.number, STATE_OF[row.state], values)
         else:
-            ot_study._storage.set_trial_system_attr(ot._trial_id, INTERRUPTED_ATTR, True)
+            study_id = ot_storage.get_study_id_from_name(name)
+            trial_id = ot_storage.get_trial_id_from_study_id_trial_number(study_id, ot.number)
+            ot_storage.set_trial_system_attr(trial_id, INTERRUPTED_ATTR, True)
             _tell(ot_study, ot.number, TrialState.FAIL, None)
     queued = 0
     for row in trials:

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sqlite3
+import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,13 +27,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
 from rbm_study.core.errors import UserError
+from rbm_study.study import migrations
 from rbm_study.study.schema import (
     APP_NAME,
     SCHEMA_VERSION,
     TRIAL_STATES,
     Base,
     Checkpoint,
+    Driver,
     EpochMetric,
     FinalMetric,
     Meta,
@@ -38,9 +48,6 @@ from rbm_study.study.schema import (
     Trial,
     Weights,
 )
-from sqlalchemy import Engine, create_engine, event, func, select
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 30_000
@@ -95,6 +102,28 @@ class TrialInfo:
     finished_at: datetime | None
     last_stage: str | None = None
     last_epoch: int | None = None
+    study_id: int = 0
+    config: dict | None = None  # the full config the trial ran with
+
+
+@dataclass(frozen=True)
+class DriverInfo:
+    """Who drives (or last drove) a study; `token` is None once the driver released the lease."""
+
+    host: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    token: str | None
+
+
+@dataclass(frozen=True)
+class DriverClaim:
+    """This process, asking to drive a study (`study.lease.this_driver`)."""
+
+    host: str
+    pid: int
+    token: str
 
 
 def _study_info(row: Study) -> StudyInfo:
@@ -108,17 +137,16 @@ def _trial_info(row: Trial, last: tuple[str, int] | None = None) -> TrialInfo:
     return TrialInfo(
         row.id, row.number, row.ray_trial_id, row.optuna_trial_number, row.params, row.state, row.node,
         row.attempt, row.objective_value, row.error, row.started_at, row.finished_at,
-        last[0] if last else None, last[1] if last else None,
+        last[0] if last else None, last[1] if last else None, row.study_id, row.config,
     )
 
 
-def inspect_file(path: Path) -> str:
-    """'new' (absent, empty, or SQLite without tables) or 'ours'; raises StorageError otherwise.
-
-    Read-only, so a refused file is not modified.
+def inspect_file(path: Path) -> tuple[str, int]:
+    """('new', SCHEMA_VERSION) for an absent, empty or table-less SQLite file, or ('ours', its schema
+    version); raises StorageError otherwise. Read-only, so a refused file is not modified.
     """
     if not path.exists() or path.stat().st_size == 0:
-        return "new"
+        return "new", SCHEMA_VERSION
     if path.is_dir():
         raise StorageError(f"{path} is a folder, not a database file")
     with path.open("rb") as fh:
@@ -129,7 +157,7 @@ def inspect_file(path: Path) -> str:
         try:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if not tables:
-                return "new"
+                return "new", SCHEMA_VERSION
             if "rbm_meta" not in tables:
                 shown = ", ".join(sorted(tables)[:6])
                 raise StorageError(
@@ -143,16 +171,24 @@ def inspect_file(path: Path) -> str:
         raise StorageError(f"{path} cannot be read as SQLite ({err}); it was not changed") from None
     if meta.get("app") != APP_NAME:
         raise StorageError(f"{path} is not an rbm-study database (rbm_meta.app={meta.get('app')!r})")
-    version = meta.get("schema_version")
-    if version != str(SCHEMA_VERSION):
+    return "ours", schema_version(meta.get("schema_version"), path)
+
+
+def schema_version(text: str | None, where: object) -> int:
+    """The one schema-version policy: older versions are read as they are and migrated on the first
+    write (`study.migrations`); a newer one is refused, since this code cannot know its tables."""
+    if text is None or not text.isdigit() or int(text) < 1:
+        raise StorageError(f"{where} has no valid rbm-study schema version ({text!r}); it was not changed")
+    if int(text) > SCHEMA_VERSION:
         raise StorageError(
-            f"{path} was written with database schema version {version}, this rbm-study uses version "
-            f"{SCHEMA_VERSION}; open it with the matching rbm-study release or start a new --db"
+            f"{where} was written with database schema version {text}, newer than this rbm-study's "
+            f"{SCHEMA_VERSION}; upgrade rbm-study (pip install -U rbm-study) or start a new --db"
         )
-    return "ours"
+    return int(text)
 
 
 def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # transactions are begun by the engine's "begin" event
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
@@ -166,7 +202,8 @@ class StudyStorage:
 
     def __init__(self, path: str | Path, *, create: bool = False, readonly: bool = False):
         self.path = Path(path)
-        kind = inspect_file(self.path)
+        self.readonly = readonly
+        kind, self.schema_version = inspect_file(self.path)
         if kind == "new" and not create:
             if not self.path.exists():
                 raise StorageError(f"no database at {self.path}; start a study there with `rbm-study launch`")
@@ -174,14 +211,29 @@ class StudyStorage:
         if kind == "new":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(self.url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
-        if not readonly:
-            event.listen(self.engine, "connect", _on_connect)
-        else:
+        if readonly:
             event.listen(self.engine, "connect", lambda c, r: c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}"))
+            return
+        event.listen(self.engine, "connect", _on_connect)
+        # pysqlite opens a transaction only before DML; taking the write lock at BEGIN instead makes
+        # every write transaction (DDL of a migration included) all-or-nothing and serialised.
+        event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         if kind == "new":
             with self._write() as s:
                 Base.metadata.create_all(s.connection())
                 s.add_all([Meta(key="app", value=APP_NAME), Meta(key="schema_version", value=str(SCHEMA_VERSION))])
+        elif self.schema_version < SCHEMA_VERSION:
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring an older database to SCHEMA_VERSION in one transaction, and say so (stderr)."""
+        with self._write() as s:
+            found = schema_version(s.scalar(select(Meta.value).where(Meta.key == "schema_version")), self.path)
+            added = migrations.upgrade(s.connection(), found) if found < SCHEMA_VERSION else []
+        if added:
+            print(f"rbm-study: migrated {self.path} from database schema version {found} to {SCHEMA_VERSION} "
+                  f"(added {'; '.join(added)})", file=sys.stderr, flush=True)
+        self.schema_version = SCHEMA_VERSION
 
     def __getstate__(self) -> dict:
         # Ray Tune pickles its callbacks with the experiment state; only the path travels.
@@ -216,27 +268,78 @@ class StudyStorage:
     def require_new_name(self, name: str) -> None:
         """Raise StudyExistsError (pointing to `resume`) when the file already holds `name`."""
         if name in self.study_names():
-            raise StudyExistsError(
-                f"study {name!r} already exists in {self.path}; continue it with "
-                f"`rbm-study resume --db {self.path} --name {name}` or pick another --name"
-            )
+            raise self._exists(name)
+
+    def _exists(self, name: str) -> StudyExistsError:
+        return StudyExistsError(
+            f"study {name!r} already exists in {self.path}; continue it with "
+            f"`rbm-study resume --db {self.path} --name {name}` or pick another --name"
+        )
 
     def create_study(
         self, name: str, config: dict, num_samples: int, objective_metric: str, objective_mode: str,
-        code_version: str,
+        code_version: str, driver: DriverClaim | None = None,
     ) -> StudyInfo:
+        """A new study, driven by `driver` from the start (one transaction: no other driver can
+        take a study that is being created); without one, the study starts with no driver."""
+        try:
+            with self._write() as s:
+                if s.scalar(select(Study.id).where(Study.name == name)) is not None:
+                    raise self._exists(name)
+                t = now()
+                row = Study(
+                    name=name, config=config, status="running", num_samples=num_samples,
+                    objective_metric=objective_metric, objective_mode=objective_mode, code_version=code_version,
+                    created_at=t, updated_at=t,
+                )
+                s.add(row)
+                s.flush()
+                if driver is not None:
+                    s.add(Driver(study_id=row.id, host=driver.host, pid=driver.pid, started_at=t, heartbeat_at=t,
+                                 token=driver.token))
+                return _study_info(row)
+        except IntegrityError:  # the same name created by another process a moment ago
+            raise self._exists(name) from None
+
+    # --- the driver lease (study.lease decides who is alive) --------------------------------------
+    def driver(self, study_id: int) -> DriverInfo | None:
+        """The study's driver record; None if it never had one (or the database predates leases)."""
+        if self.schema_version < 2:
+            return None
+        with self._read() as s:
+            row = s.get(Driver, study_id)
+            return None if row is None else DriverInfo(row.host, row.pid, row.started_at, row.heartbeat_at, row.token)
+
+    def take_driver(self, study_id: int, claim: DriverClaim, seen: DriverInfo | None) -> bool:
+        """Compare-and-swap the lease to `claim`, if the record is still the `seen` one (the caller
+        judged it free or dead). False when another process got there first."""
+        t = now()
+        values = {"host": claim.host, "pid": claim.pid, "started_at": t, "heartbeat_at": t, "token": claim.token}
+        try:
+            with self._write() as s:
+                if seen is None:
+                    s.add(Driver(study_id=study_id, **values))
+                    return True
+                same = Driver.token.is_(None) if seen.token is None else Driver.token == seen.token
+                result = s.execute(update(Driver).where(Driver.study_id == study_id, same).values(**values))
+                return result.rowcount == 1
+        except IntegrityError:
+            return False
+
+    def renew_driver(self, study_id: int, token: str) -> bool:
+        """The heartbeat; False if the lease is no longer this driver's."""
         with self._write() as s:
-            if s.scalar(select(Study.id).where(Study.name == name)) is not None:
-                self.require_new_name(name)
-            t = now()
-            row = Study(
-                name=name, config=config, status="running", num_samples=num_samples,
-                objective_metric=objective_metric, objective_mode=objective_mode, code_version=code_version,
-                created_at=t, updated_at=t,
+            result = s.execute(
+                update(Driver).where(Driver.study_id == study_id, Driver.token == token).values(heartbeat_at=now())
             )
-            s.add(row)
-            s.flush()
-            return _study_info(row)
+            return result.rowcount == 1
+
+    def release_driver(self, study_id: int, token: str) -> None:
+        with self._write() as s:
+            s.execute(
+                update(Driver).where(Driver.study_id == study_id, Driver.token == token)
+                .values(token=None, heartbeat_at=now())
+            )
 
     def get_study(self, name: str | None) -> StudyInfo:
         """The named study; with no name, the only one in the file."""
@@ -445,9 +548,89 @@ class StudyStorage:
             rows = s.execute(select(Weights.file_name, Weights.data).where(Weights.trial_id == trial_id))
             return dict(rows.all())
 
+    # --- whole-study reads for the report (`analysis.load`) ----------------------------------------
+    def studies(self) -> list[StudyInfo]:
+        with self._read() as s:
+            return [_study_info(row) for row in s.scalars(select(Study).order_by(Study.id))]
+
+    def meta(self) -> dict[str, str]:
+        with self._read() as s:
+            return dict(s.execute(select(Meta.key, Meta.value)).all())
+
+    def final_metric_rows(self, study_id: int) -> list[tuple[int, str, float]]:
+        """(trial id, name, value) of every final metric of the study's trials."""
+        with self._read() as s:
+            return [tuple(r) for r in s.execute(
+                select(FinalMetric.trial_id, FinalMetric.name, FinalMetric.value)
+                .join(Trial, Trial.id == FinalMetric.trial_id).where(Trial.study_id == study_id)
+            )]
+
+    def epoch_metric_rows(self, study_id: int) -> list[tuple[int, str, int, str, float]]:
+        """(trial id, stage, epoch, name, value) of every per-epoch metric of the study's trials."""
+        with self._read() as s:
+            return [tuple(r) for r in s.execute(
+                select(EpochMetric.trial_id, EpochMetric.stage, EpochMetric.epoch, EpochMetric.name, EpochMetric.value)
+                .join(Trial, Trial.id == EpochMetric.trial_id).where(Trial.study_id == study_id)
+                .order_by(EpochMetric.id)
+            )]
+
+    def weight_sizes(self, study_id: int) -> list[tuple[int, str, int]]:
+        """(trial id, file name, bytes) of the study's stored weight files."""
+        with self._read() as s:
+            return [tuple(r) for r in s.execute(
+                select(Weights.trial_id, Weights.file_name, func.length(Weights.data))
+                .join(Trial, Trial.id == Weights.trial_id).where(Trial.study_id == study_id)
+            )]
+
+    def has_optuna_tables(self) -> bool:
+        with self.engine.connect() as con:
+            names = {r[0] for r in con.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")}
+        return {"studies", "trials"} <= names
+
     def integrity_check(self) -> str:
         with self.engine.connect() as con:
             return str(con.exec_driver_sql("PRAGMA integrity_check").scalar())
+
+
+@contextmanager
+def snapshot(path: str | Path) -> Iterator[StudyStorage]:
+    """A read-only `StudyStorage` on a private, consistent copy of the database at `path`.
+
+    A report must work on a study that is still running and never write to its file. The file is
+    checked (`inspect_file`: a foreign or newer one is refused, unchanged), opened read-only, and
+    copied page by page with SQLite's online backup API in a single step, which holds one read
+    transaction for the whole copy: the copy is one state of the database even while a driver keeps
+    writing. Every read, Optuna's included (through the copy's `url`), then comes from the copy,
+    which is deleted on exit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StorageError(f"database {path} does not exist; pass the database a study wrote (--db PATH)")
+    if inspect_file(path)[0] == "new":
+        raise StorageError(f"{path} holds no rbm-study data yet; start a study with `rbm-study launch`")
+    folder = tempfile.mkdtemp(prefix="rbm-study-snapshot-")
+    copy = Path(folder) / "snapshot.db"
+    try:
+        try:
+            source = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+            try:
+                target = sqlite3.connect(copy)
+                try:
+                    source.backup(target, pages=-1)  # one step: one read transaction, one state
+                    target.execute("PRAGMA journal_mode=DELETE")  # the copy needs no -wal/-shm beside it
+                finally:
+                    target.close()
+            finally:
+                source.close()
+        except sqlite3.Error as err:
+            raise StorageError(f"cannot read {path}: {err}") from None
+        storage = StudyStorage(copy, readonly=True)
+        try:
+            yield storage
+        finally:
+            storage.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _storable(value: Any) -> bool:

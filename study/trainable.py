@@ -1,13 +1,8 @@
 """One study trial as a Ray Tune function trainable: the three lab tasks through the shared core.
 
 Runs wherever Ray places it (any node of a cluster) and never touches the database: everything
-goes back to the driver through `tune.report`:
-
-    per epoch   {"kind": "epoch", "stage", "epoch", "lab_epoch", "node", <metric>, "<stage>.<metric>", ...}
-    per stage   {"kind": "checkpoint", "stage", "config_key", "checkpoint": blob of bytes, "node"}  (rbm, dbn)
-    at the end  {"kind": "final", "node", "config_key", <final metrics, dotted names>,
-                 "trial.resumed_after_stage", "weights": blob of {file: bytes}}
-    or          {"kind": "failed", "node", "config_key", "error": "..."}   a diverged run or bad input
+goes back to the driver as `study.messages.TrialMessage`s through `tune.report` (an epoch's metrics,
+each stage checkpoint, the final metrics and weight files, or the error of a failed run).
 
 `lab_epoch` counts epochs across the stages (rbm, then dbn, then finetune), whatever attempt
 reports them: it is ASHA's time attribute, so the checkpoint and final results, which lack it,
@@ -39,6 +34,7 @@ from typing import Any
 from rbm_study.core.errors import UserError
 from rbm_study.study.checkpoints import EpochRow, config_key, find_store, pack, send_blob, store_get, store_put, unpack
 from rbm_study.study.config import StudyConfig
+from rbm_study.study.messages import TrialMessage
 
 NODE_ENV = "RBM_STUDY_NODE"  # optional human name of a node, set by docker/entrypoint.sh
 
@@ -62,10 +58,13 @@ def run_trial(config: dict[str, Any], study_config: dict | None = None, searched
     """The function Tune calls. `config` holds the searched values under their dotted keys."""
     import torch
     from ray import tune
+
     from rbm_study.core.pipeline import STAGES, LabCheckpoint, run_lab
 
     study = StudyConfig(study_config or {}, [])
     cpus = study.config.get("resources", {}).get("cpus_per_trial", 1)
+    # the most threads the trial uses: training epochs drop to one thread whenever that is faster,
+    # e.g. while another process holds one of the cores (core.train.AdaptiveThreads)
     torch.set_num_threads(max(1, int(cpus)))
     node = node_name()
     params = trial_params(config, searched or [])
@@ -76,16 +75,13 @@ def run_trial(config: dict[str, Any], study_config: dict | None = None, searched
     def on_epoch(stage: str, epoch: int, metrics: dict[str, float]) -> None:
         values = {k: float(v) for k, v in metrics.items()}
         epochs.append((stage, epoch, values))
-        tune.report({
-            "kind": "epoch", "stage": stage, "epoch": epoch, "lab_epoch": offsets.get(stage, 0) + epoch,
-            "node": node, **values, **{f"{stage}.{k}": v for k, v in values.items()},
-        })
+        tune.report(TrialMessage("epoch", node, key, stage, epoch, offsets.get(stage, 0) + epoch, values).to_result())
 
     def on_checkpoint(checkpoint: LabCheckpoint) -> None:
         data = pack(checkpoint.to_bytes(), epochs)
         store_put(store, key, data)
-        tune.report({"kind": "checkpoint", "stage": checkpoint.stage, "config_key": key,
-                     "checkpoint": send_blob(store, data, trial_id), "node": node})
+        blob = send_blob(store, data, trial_id)
+        tune.report(TrialMessage("checkpoint", node, key, stage=checkpoint.stage, blob=blob).to_result())
 
     store = find_store()
     trial_id = (tune.get_context().get_trial_id() or "") if store is not None else ""
@@ -103,20 +99,17 @@ def run_trial(config: dict[str, Any], study_config: dict | None = None, searched
                 on_epoch(stage, epoch, values)
         result = run_lab(lab, on_epoch=on_epoch, resume_from=resume_from, on_checkpoint=on_checkpoint)
     except FloatingPointError as err:
-        tune.report({"kind": "failed", "node": node, "config_key": key, "error": f"diverged: {err}"})
+        tune.report(TrialMessage("failed", node, key, error=f"diverged: {err}").to_result())
         return
     except UserError as err:
-        tune.report({"kind": "failed", "node": node, "config_key": key, "error": f"{type(err).__name__}: {err}"})
+        tune.report(TrialMessage("failed", node, key, error=f"{type(err).__name__}: {err}").to_result())
         return
     except Exception:
         traceback.print_exc()
         raise
-    tune.report({
-        "kind": "final", "node": node, "config_key": key, "lab_seconds": result.seconds,
-        **{k: float(v) for k, v in result.metrics.items()},
-        "trial.resumed_after_stage": float(resumed_after),
-        "weights": send_blob(store, result.weight_files(), trial_id),
-    })
+    metrics = {**result.metrics, "lab_seconds": result.seconds, "trial.resumed_after_stage": resumed_after}
+    weights = send_blob(store, result.weight_files(), trial_id)
+    tune.report(TrialMessage("final", node, key, metrics=metrics, blob=weights).to_result())
 
 
 def _resume_point(data: bytes | None) -> tuple[Any, list[EpochRow]] | None:

@@ -1,9 +1,10 @@
-"""Build a small but real study database for the analysis tests, without Ray.
+"""Build study databases for the analysis tests, without Ray.
 
-Tiny models are really trained with `core.pipeline.run_lab` (k in {1, 2} x seeds {0, 1}), and
-their metrics and weight files are written through `study.storage`, the study service's own
-writer; a matching Optuna study lives in the same file. Also usable
-by hand: `python -m tests.analysis.builddb OUT.db`.
+`train_all`: tiny models really trained with `core.pipeline.run_lab` (k in {1, 2} x seeds {0, 1}).
+`constructed_run`: a trial whose final and per-epoch metrics are given, not trained (no weights), so
+a test can set the numbers the k-comparison must judge. Either kind is written by `write_study`
+through `study.storage`, the study service's own writer; a matching Optuna study lives in the same
+file. Also usable by hand: `python -m tests.analysis.builddb OUT.db`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 from pathlib import Path
 
 import optuna
-from rbm_study.core.config import load_config
+
+from rbm_study.core.config import load_config, set_dotted
 from rbm_study.study.storage import StudyStorage
 
 TINY = [
@@ -27,6 +29,14 @@ TINY = [
     "rbm.hidden_size=17",  # exact log Z (<= 20 units) and a sampled DBN bound (> 16 units): fast
     "dbn.hidden_size=16",
     "device=cpu",
+    # RAISE and the likelihood curves on, at a cost the tiny runs can afford
+    "eval.raise_images=40",
+    "eval.raise_chains=4",
+    "eval.raise_betas=200",
+    "eval.curve_every=1",
+    "eval.curve_chains=8",
+    "eval.curve_betas=100",
+    "eval.curve_images=100",
 ]
 OBJECTIVE = "final.val.log_likelihood"
 
@@ -60,6 +70,73 @@ def train_all(ks=(1, 2), seeds=(0, 1), mnist_root: str | None = None) -> list[di
     return runs
 
 
+# The estimator settings a constructed trial reports (the shape of the metrics core.pipeline stores).
+SETTINGS = {"eval.ais_chains": 100, "eval.ais_betas": 14_500, "eval.ais_repeats": 3, "eval.raise_chains": 10,
+            "eval.raise_betas": 1_000, "eval.raise_images": 1_000}
+_BASE_CONFIG: dict = {}
+
+
+def constructed_run(
+    k: int, seed: int, rbm: float | None, dbn: float | None = None, finetune: float | None = None, *,
+    halfwidth: float = 0.5, stderr: float = 0.3, raise_gap: float | None = 0.8, dbn_raise_gap: float | None = None,
+    recon: float = 23.7, seconds: float = 1.0, params: dict | None = None, curve: list[float] | None = None,
+    curve_every: int = 5,
+    drop: tuple[str, ...] = (), extra: dict[str, float] | None = None,
+) -> dict:
+    """A trial with the given test (and val) numbers, as `write_study` takes it.
+
+    rbm, dbn, finetune: the AIS log-likelihood / bounds (None: not recorded); halfwidth: each side of
+    AIS's interval; stderr: the test-set standard error; raise_gap: AIS minus RAISE for the RBM (None:
+    no RAISE), stored as the pipeline does (the estimate, and the paired gap RAISE minus AIS);
+    dbn_raise_gap: the same for both DBN stages (None: AIS's side only, as older code); curve:
+    val_log_likelihood every `curve_every` epochs; params: other searched parameters
+    (dotted lab keys, also set in the config); drop: metric names (or name endings such as "_raise")
+    to leave out, as an older database would; extra: metrics to add or override."""
+    if not _BASE_CONFIG:
+        _BASE_CONFIG.update(load_config(None, TINY))
+    params = {"rbm.cd_k": k, "seed": seed, **(params or {})}
+    config = copy.deepcopy(_BASE_CONFIG)
+    for key, value in params.items():
+        set_dotted(config, key, value)
+    metrics: dict[str, float] = dict(SETTINGS)
+    for stage, value in (("rbm", rbm), ("dbn", dbn), ("finetune", finetune)):
+        if value is None:
+            continue
+        metrics[f"{stage}.log_z"] = 200.0
+        metrics[f"{stage}.log_z_low"], metrics[f"{stage}.log_z_high"] = 200.0 - halfwidth, 200.0 + halfwidth
+        metrics[f"{stage}.log_z_sd"] = 0.05
+        metrics[f"{stage}.ais_seconds"] = 60.0
+        for split in ("val", "test"):
+            name = f"{stage}.{split}.log_likelihood"
+            metrics[name] = value
+            metrics[f"{name}_low"], metrics[f"{name}_high"] = value - halfwidth, value + halfwidth
+            metrics[f"{name}_stderr"] = stderr
+            metrics[f"{stage}.{split}.recon_error"] = recon
+    for stage, value, gap in (("rbm", rbm, raise_gap), ("dbn", dbn, dbn_raise_gap),
+                              ("finetune", finetune, dbn_raise_gap)):
+        if value is None or gap is None:
+            continue
+        name = f"{stage}.test.log_likelihood"
+        metrics[f"{name}_raise"], metrics[f"{name}_raise_stderr"] = value - gap, stderr
+        metrics[f"{name}_raise_gap"], metrics[f"{name}_raise_gap_stderr"] = -gap, 0.05
+        metrics[f"{stage}.raise_seconds"] = 30.0
+    metrics["rbm.seconds_per_epoch"] = seconds
+    epochs: list[tuple[str, int, str, float]] = []
+    for i, value in enumerate(curve or []):
+        epochs.append(("rbm", (i + 1) * curve_every, "val_log_likelihood", value))
+        epochs.append(("rbm", (i + 1) * curve_every, "curve_seconds", 1.0))
+    metrics["eval.curve_every"] = curve_every if curve else 0  # the pipeline records it, 0 when off
+    if curve:
+        metrics.update({"eval.curve_chains": 32, "eval.curve_betas": 2_000, "eval.curve_images": 1_000,
+                        "rbm.curve_seconds": float(len(curve))})
+    metrics.update(extra or {})
+    metrics = {n: v for n, v in metrics.items() if not any(n == d or n.endswith(d) for d in drop)}
+    last = finetune if finetune is not None else dbn if dbn is not None else rbm
+    metrics[OBJECTIVE] = last if last is not None else 0.0
+    return {"params": params, "config": config, "metrics": metrics, "epochs": epochs, "weights": {},
+            "seconds": 600.0}
+
+
 def write_study(
     path: Path,
     name: str,
@@ -67,6 +144,7 @@ def write_study(
     extra_states: tuple[tuple[str, str | None], ...] = (),
     study_status: str = "completed",
     objectives: tuple[str, ...] = (OBJECTIVE,),
+    sampler: str = "grid",
 ) -> None:
     """Write one study into the file at `path` (created if missing) the way the driver does:
     our rows through `study.storage.StudyStorage`, Optuna's through Optuna, in the same file.
@@ -74,18 +152,25 @@ def write_study(
     `extra_states`: (state, error) of trials without results appended after the runs, e.g.
     ("failed", "FloatingPointError: ...") or ("running", None). `objectives`: maximised, as the
     study service stores several (comma-separated, the first is the trial's objective value).
+    `sampler`: the study config's search.sampler; the search space is the runs' params' values.
     """
     storage = StudyStorage(path, create=True)  # ours first: Optuna's tables alone make a foreign file
     config = runs[0]["config"] if runs else load_config(None, TINY)
-    search = {"rbm.cd_k": [1, 2], "seed": [0, 1]}
-    info = storage.create_study(name, {"lab": config, "search": search}, len(runs) + len(extra_states),
+    search: dict[str, list] = {"rbm.cd_k": [1, 2], "seed": [0, 1]} if not runs else {}
+    for run in runs:
+        for key, value in run["params"].items():
+            if value not in search.setdefault(key, []):
+                search[key].append(value)
+    study_config = {"lab": config, "search": {"sampler": sampler, "space": search}}
+    info = storage.create_study(name, study_config, len(runs) + len(extra_states),
                                 ",".join(objectives), ",".join("max" for _ in objectives), "test")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ostudy = optuna.create_study(storage=storage.url, study_name=name, directions=["maximize"] * len(objectives))
     distributions = {key: optuna.distributions.CategoricalDistribution(values) for key, values in search.items()}
     for run in runs:
         ostudy.add_trial(optuna.trial.create_trial(
-            params=run["params"], distributions=distributions, values=[run["metrics"][o] for o in objectives],
+            params=run["params"], distributions={key: distributions[key] for key in run["params"]},
+            values=[run["metrics"][o] for o in objectives],
             state=optuna.trial.TrialState.COMPLETE,
         ))
         trial = storage.start_trial(info.id, ray_trial_id=f"t{len(ostudy.trials) - 1}",

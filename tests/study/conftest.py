@@ -24,7 +24,8 @@ TINY = {
     "rbm": {"hidden_size": 25, "epochs": 2},
     "dbn": {"hidden_size": 25, "epochs": 1},
     "finetune": {"epochs": 1},
-    "eval": {"ais_chains": 16, "ais_betas": 200, "size": 300},
+    "eval": {"ais_chains": 16, "ais_betas": 200, "size": 300, "raise_images": 20, "raise_chains": 2,
+             "raise_betas": 300},
     "search": {"num_samples": 2},
     "resources": {"num_cpus": 2, "cpus_per_trial": 1},
 }

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from rbm_study.study.storage import StudyStorage
 
+from rbm_study.study.storage import StudyStorage
 from tests.study.conftest import cli, needs_mnist, optuna_states, query, trial_states, write_config
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from rbm_study.study.config import load_study_config
-from rbm_study.study.storage import StudyStorage
 
 from rbm_study.cli import main
+from rbm_study.study.config import load_study_config
+from rbm_study.study.storage import StudyStorage
 from tests.study.conftest import write_config
 
 

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+
 from rbm_study.study.checkpoints import pack, receive_blob, send_blob, start_store, unpack
 
 
@@ -25,7 +26,8 @@ def test_without_a_store_the_value_itself_is_reported():
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     import ray
-    from rbm_study.study.raynode import keep_loopback
+
+    from rbm_study.study.internals import keep_loopback
 
     keep_loopback()
     ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -40,6 +42,7 @@ def test_a_trial_reports_a_short_name_and_the_driver_takes_the_bytes_once(local_
     """A result above Ray's 100 KB inline limit would wait in the trial node's object store, where
     a node death makes Tune's controller raise; the trial must report a short name instead."""
     import ray
+
     from rbm_study.study.checkpoints import find_store
 
     store = start_store({})
@@ -72,6 +75,7 @@ def test_the_driver_forgets_what_a_trial_sent_but_never_reported(local_ray):
     """A trial that dies between sending a blob and reporting it leaves the blob in the store; the
     driver drops it when the trial ends (or is retried), and other trials' blobs stay."""
     import ray
+
     from rbm_study.study.checkpoints import forget_blobs
 
     store = start_store({})

@@ -53,7 +53,7 @@ class Cluster:
 
     def alive_nodes(self) -> int:
         out = subprocess.run(
-            [sys.executable, "-c", "from study.raynode import keep_loopback; keep_loopback(); import ray; "
+            [sys.executable, "-c", "from rbm_study.study.internals import keep_loopback; keep_loopback(); import ray; "
              f"ray.init(address='{self.address}', _node_ip_address='127.0.0.1', logging_level='ERROR'); "
              "print(sum(n['Alive'] for n in ray.nodes()))"],
             cwd=REPO, env=env(), capture_output=True, text=True, timeout=120,

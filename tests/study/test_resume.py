@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+
 from rbm_study.core import labfiles
 from rbm_study.core.data import load_mnist
 from rbm_study.core.pipeline import STAGES, LabResult, run_lab
 from rbm_study.study.storage import StudyStorage
-
 from tests.study.conftest import (
     MNIST,
     cli,
@@ -58,10 +58,19 @@ def test_sigkill_then_resume_finishes_exactly_num_samples(tmp_path):
     assert trial_states(db).get("running", 0) >= 1  # the kill left trials 'running' in the file
 
     status = cli("status", "--db", str(db))  # readable while nobody drives the study
-    assert status.returncode == 0 and "running" in status.stdout
+    assert status.returncode == 0, status.stderr
+    assert "status interrupted" in status.stdout
+    assert "no driver since" in status.stdout and "run resume" in status.stdout
 
-    resumed = cli("resume", "--db", str(db), "--quiet")
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    # Two resumes started together on the orphaned study: one takes it over, the other is refused.
+    command = [sys.executable, "-m", "rbm_study", "resume", "--db", str(db), "--quiet"]
+    resumes = [start(command, tmp_path / f"resume{i}.log") for i in range(2)]
+    codes = [r.wait(timeout=600) for r in resumes]
+    logs = [(tmp_path / f"resume{i}.log").read_text() for i in range(2)]
+    assert sorted(codes) == [0, 2], logs
+    refused = logs[codes.index(2)].strip().splitlines()
+    assert len(refused) == 1 and "already has a live driver on" in refused[0], refused
+    assert "taking over from the driver" in logs[codes.index(0)]
 
     assert trial_states(db) == {"completed": 4}
     numbers = [n for (n,) in query(db, "SELECT number FROM rbm_trials ORDER BY number")]

@@ -6,6 +6,7 @@ import sqlite3
 from contextlib import closing
 
 import pytest
+
 from rbm_study.study.schema import SCHEMA_VERSION
 from rbm_study.study.storage import StorageError, StudyExistsError, StudyStorage, UnknownStudyError
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from rbm_study.core import labfiles
 from rbm_study.study.storage import StudyStorage
-
 from tests.study.conftest import MNIST, REPO, cli, needs_mnist, optuna_states, query, trial_states, write_config
 
 
