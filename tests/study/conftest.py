@@ -31,6 +31,21 @@ TINY = {
 }
 
 
+V1_DUMP = Path(__file__).parent / "fixtures" / "v1_interrupted.sql"
+"""A study database as rbm-study 0.1.0 (schema version 1) left it when its driver was killed mid-study
+(3 trials: 1 completed, 1 running), as SQL text (`sqlite3 .dump`)."""
+
+
+def version_1_database(path: Path) -> Path:
+    """Write the version-1 fixture to `path` (a real SQLite file, as that release wrote it)."""
+    con = sqlite3.connect(path)
+    try:
+        con.executescript(V1_DUMP.read_text())
+    finally:
+        con.close()
+    return path
+
+
 def needs_mnist() -> pytest.MarkDecorator:
     return pytest.mark.skipif(
         not (MNIST / "MNIST" / "raw").is_dir(), reason=f"MNIST not found under {MNIST} (set MNIST_ROOT)"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,11 +25,10 @@ from tests.study.conftest import (
     query,
     start,
     trial_states,
+    version_1_database,
     wait_for,
     write_config,
 )
-
-V1_DB = Path(__file__).parent / "fixtures" / "v1_interrupted.db"
 
 
 def _digest(path: Path) -> str:
@@ -121,7 +119,7 @@ def test_a_driver_silent_on_another_host_is_taken_over_after_the_timeout(tmp_pat
     from rbm_study.study import lease
 
     db = tmp_path / "study.db"
-    shutil.copy(V1_DB, db)
+    version_1_database(db)
     storage = StudyStorage(db)  # migrates
     study = storage.get_study(None)
     with storage.engine.begin() as con:  # a driver on another machine, heartbeat just now
@@ -145,7 +143,7 @@ def test_a_driver_silent_on_another_host_is_taken_over_after_the_timeout(tmp_pat
 @needs_mnist()
 def test_version_1_database_is_read_as_it_is_and_resumes_to_exactly_num_samples(tmp_path):
     db = tmp_path / "v1.db"
-    shutil.copy(V1_DB, db)
+    version_1_database(db)
     before = _digest(db)
     status = cli("status", "--db", str(db))
     assert status.returncode == 0, status.stderr

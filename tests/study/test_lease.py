@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import socket
 import sqlite3
 import subprocess
@@ -17,9 +16,7 @@ import pytest
 from rbm_study.study import lease
 from rbm_study.study.schema import SCHEMA_VERSION
 from rbm_study.study.storage import DriverClaim, DriverInfo, StorageError, StudyStorage, now
-
-FIXTURES = Path(__file__).parent / "fixtures"
-V1_DB = FIXTURES / "v1_interrupted.db"  # written by rbm-study 0.1.0 (schema 1), driver killed mid-study
+from tests.study.conftest import version_1_database
 
 
 def _study(tmp_path: Path) -> tuple[StudyStorage, int]:
@@ -128,7 +125,7 @@ def _digest(path: Path) -> str:
 
 def test_version_1_is_read_as_it_is_and_migrated_on_the_first_write(tmp_path, capsys):
     db = tmp_path / "v1.db"
-    shutil.copy(V1_DB, db)
+    version_1_database(db)
     before = _digest(db)
     reader = StudyStorage(db, readonly=True)
     info = reader.get_study(None)
@@ -151,7 +148,7 @@ def test_version_1_is_read_as_it_is_and_migrated_on_the_first_write(tmp_path, ca
 
 def test_a_newer_schema_is_refused_and_left_alone(tmp_path):
     db = tmp_path / "future.db"
-    shutil.copy(V1_DB, db)
+    version_1_database(db)
     with sqlite3.connect(db) as con:
         con.execute("UPDATE rbm_meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
     before = _digest(db)
