@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from rbm_study.core.errors import UserError
 from rbm_study.core.rbm import FastBernoulli, bernoulli
 

@@ -17,6 +17,7 @@ import itertools
 from collections.abc import Callable
 
 import torch
+
 from rbm_study.core.data import Binarizer
 from rbm_study.core.rbm import RBM, FastBernoulli, bernoulli, visible_bias_from_means
 from rbm_study.core.train import CDSettings, EpochCallback, train_rbm

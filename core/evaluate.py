@@ -34,6 +34,57 @@ log(mean(w) ∓ 3 std(w) / sqrt(M)) + log Z_A (the lower end is -inf when the di
 positive). AIS tends to underestimate log Z (hence to overestimate log-likelihood) when the
 schedule or the number of chains is too small.
 
+RAISE: the other direction
+--------------------------
+Reverse AIS estimation (Burda, Grosse & Salakhutdinov, "Accurate and conservative estimates of MRF
+log-likelihood using reverse annealing", AISTATS 2015). AIS's chains, v_0 ~ p_A and
+v_k ~ T_k(. | v_{k-1}) for k = 1..K with T_k the Gibbs step at β_k (h ~ p_k(h|v), v' ~ p_k(v|h)),
+end in a distribution of their own, the *annealed model*
+
+    p_ann(v) = sum_{v_0..v_{K-1}} p_A(v_0) prod_{k=1..K} T_k(v_k | v_{k-1}),   v_K = v,
+
+which tends to the RBM as the schedule lengthens. RAISE runs that chain backwards from an image:
+v_K = v, then v_{k-1} ~ T_k(. | v_k) for k = K, ..., 1. The first move is a Gibbs step of the RBM
+itself, so it starts from a hidden state drawn from the image's exact posterior p(h | v). Each
+T_k is reversible with respect to p_k (p_k(v) T_k(v'|v) = sum_h p_k(h) p_k(v|h) p_k(v'|h) is
+symmetric in v and v'), so the ratio of the forward path's probability to the reverse one's is
+
+    w = p*_K(v) / Z_A · prod_{k=0..K-1} p*_k(v_k) / p*_{k+1}(v_k)          (p*_0 / Z_A = p_A)
+
+with the same unnormalised p*_k as AIS, and E[w] = p_ann(v) exactly. Z_A is known in closed form,
+so nothing is estimated but w: log mean_m w_m over M chains is a stochastic lower bound on
+log p_ann(v) (below it in expectation by Jensen, and above it by t nats with probability at most
+e^-t by Markov). It is conservative for the RBM only when p_ann is close to the RBM: with a short
+schedule p_ann is a smoother model, which can score test images higher than the RBM does, so the
+schedule must be long (the defaults are validated on enumerable 784-20 RBMs, where RAISE lies
+within a nat of exact and moves toward it as the schedule lengthens: tests/core/test_raise.py).
+More chains per image move the estimate up toward log p_ann, which on those models lay above
+exact: one chain per image is the more conservative, and the cheaper, choice. The images x chains
+rows run side by side; the chains in the model's dtype, log w in float64. AIS leans the other way
+(log Z low, log-likelihood high). Neither is a guaranteed bound at finite settings (on sharp
+models both came out above exact), so their disagreement is reported as what it is: uncertainty.
+
+DBN: per chain draw h1 ~ Q(h1 | v) and take w = p(v | h1) ŵ_top(h1) / Q(h1 | v), ŵ_top(h1) the
+RAISE weight of the top RBM started at its visible state h1 (base-rate model on h1, as for AIS).
+Then E[w] = sum_h1 p(v | h1) p_ann_top(h1), the probability of v under the DBN whose top RBM is
+replaced by its annealed model; log mean_m w_m is a stochastic lower bound on it. It does not use
+log Z_top at all, and with M > 1 it is an importance-weighted bound, at least as tight in
+expectation as the single-sample variational bound below in its Q part (Burda, Grosse &
+Salakhutdinov 2016).
+
+Uncertainty
+-----------
+A mean log-likelihood over N images, mean_n(-F(v_n)) - log Z, carries two errors. log Z's
+interval [log Z_low, log Z_high] (AIS's 3 sigma) gives
+
+    LL_low = mean(-F(v)) - log Z_high,     LL_high = mean(-F(v)) - log Z_low,
+
+and the images are a sample of the digits' distribution: stderr = std_n(log p(v_n)) / sqrt(N).
+AIS may be repeated (independent runs, with different random numbers): the estimate then pools all
+repeats x chains weights (one AIS run with that many chains), and the standard deviation of the
+runs' own log Z says how far a single run of `chains` chains can be trusted (the pooled estimate's
+is about that over sqrt(repeats)).
+
 Log-likelihood and cheap signals
 --------------------------------
     mean log p(v)       = mean(-F(v)) - log Z
@@ -56,17 +107,25 @@ h1 when H1 is small, otherwise by Monte Carlo with samples from Q; H(Q) is alway
 DBN of two greedily trained RBMs (task 2) R = W1, G = W1', b_up = the first RBM's hidden bias and
 a = its visible bias; for the fine-tuned DBN (task 3) R = R1, G = G1 and b_up = the recognition
 bias. Everything that sums many terms or takes log-sum-exp runs in float64; the AIS chains and the
-reconstructions run in the model's dtype. All work happens on the tensors' device.
+reconstructions run in the model's dtype, the annealing chains (AIS, RAISE) with the exact samples
+of `AnnealingSampler`. All work happens on the tensors' device.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from rbm_study.core import kernels
+from rbm_study.core.config import RAISE_BETAS, RAISE_CHAINS
 from rbm_study.core.finetune import UpDownDBN
 from rbm_study.core.rbm import RBM, bernoulli
 
@@ -95,8 +154,14 @@ class LogZEstimate:
     low: float
     high: float
     method: str  # "exact" | "ais"
-    chains: int  # AIS chains, 0 for exact
+    chains: int  # AIS chains (per repeat), 0 for exact
     betas: int  # AIS inverse temperatures, 0 for exact
+    repeat_log_z: tuple[float, ...] = ()  # each AIS run's own log Z when it was repeated (`ais_repeats`)
+
+    @property
+    def repeat_sd(self) -> float:
+        """Standard deviation of log Z over the AIS repeats; 0 for one run or the exact method."""
+        return statistics.stdev(self.repeat_log_z) if len(self.repeat_log_z) > 1 else 0.0
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -117,6 +182,54 @@ def _chunks(total: int, size: int) -> list[tuple[int, int]]:
 
 def _like(x: torch.Tensor, rbm: RBM) -> torch.Tensor:
     return x.to(device=rbm.device, dtype=rbm.W.dtype)
+
+
+# --- exact Bernoulli samples for the annealing loops ------------------------------------------------
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _bernoulli32(p: np.ndarray, state: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = 1 if (s_i + 0.5) 2^-32 < p[i] else 0, s_i fresh 32-bit halves of SFC64 words.
+
+    p[i] 2^32 is exact in float64 for float32 and float64 p, so P(out[i] = 1) is p[i] to 2^-33.
+    """
+    n = p.shape[0]
+    words = scratch[: -(-n // (2 * state.shape[1]))]
+    kernels.sfc64_fill(state, words)
+    bits = words.reshape(-1).view(np.uint32)
+    for i in range(n):
+        out[i] = 1.0 if np.float64(bits[i]) + 0.5 < np.float64(p[i]) * 4294967296.0 else 0.0
+
+
+class AnnealingSampler:
+    """Bernoulli samples for AIS and RAISE, exact to float precision, made fast on the CPU.
+
+    An annealing run draws one uniform per unit per step: millions per image for RAISE. `torch.rand`
+    on the CPU makes them one at a time with the Mersenne twister, which for a small hidden layer
+    costs more than the step's matrix products; here the 64 side-by-side SFC64 generators of
+    `core.kernels` (seeded from one draw of `generator`) give two 32-bit uniforms per 64-bit word
+    in one compiled loop, and P(sample = 1) is p to 2^-33, finer than a float32 p itself (the
+    training sampler, `FastBernoulli`, rounds p to 2^-16, which a long annealing run should not
+    inherit). Other devices, and float16 or bfloat16 models, use `core.rbm.bernoulli`.
+    """
+
+    def __init__(self, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype):
+        self.generator = generator
+        self._lanes: np.ndarray | None = None
+        self._scratch = np.empty((0, kernels.LANES), dtype=np.uint64)
+        if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+            seed = int(torch.randint(2**62, (), generator=generator))
+            self._lanes = kernels.sfc64_lanes(seed)
+
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        """Binary samples with P(1) = p, in p's shape and dtype."""
+        if self._lanes is None:
+            return bernoulli(p, self.generator)
+        p = p.contiguous()
+        out = torch.empty_like(p)
+        words = -(-p.numel() // (2 * kernels.LANES))
+        if self._scratch.shape[0] < words:
+            self._scratch = np.empty((words, kernels.LANES), dtype=np.uint64)
+        _bernoulli32(kernels.flat(p), self._lanes, self._scratch, kernels.flat(out))
+        return out
 
 
 # --- partition function ----------------------------------------------------------------------------
@@ -158,30 +271,42 @@ def ais_betas(n: int = 14500) -> torch.Tensor:
     )
 
 
+def _schedule(betas: int | torch.Tensor) -> list[float]:
+    """A count for `ais_betas` or an explicit schedule, checked, as python floats (no device syncs)."""
+    schedule = ais_betas(betas) if isinstance(betas, int) else betas.detach().double().cpu()
+    if schedule.dim() != 1 or len(schedule) < 2 or schedule[0] != 0 or schedule[-1] != 1:
+        raise ValueError("the annealing schedule must be 1-D, start at 0 and end at 1")
+    if not bool((schedule.diff() > 0).all()):
+        raise ValueError("the annealing schedule must increase")
+    return schedule.tolist()
+
+
+def _base_bias(rbm: RBM, base_visible_bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.zeros_like(rbm.a) if base_visible_bias is None else _like(base_visible_bias, rbm)
+
+
+def base_log_z(rbm: RBM, base_visible_bias: torch.Tensor | None = None) -> float:
+    """log Z_A = H log 2 + sum_i softplus(a_A_i) of the base-rate model (W = 0, b = 0, a = a_A)."""
+    a_A = _base_bias(rbm, base_visible_bias)
+    return rbm.n_hidden * math.log(2) + F.softplus(a_A.double()).sum().item()
+
+
 @torch.no_grad()
-def ais_log_z(
+def ais_log_weights(
     rbm: RBM,
     base_visible_bias: torch.Tensor | None = None,
     chains: int = 100,
     betas: int | torch.Tensor = 14500,
     generator: torch.Generator | None = None,
-) -> LogZEstimate:
-    """AIS estimate of log Z from the base-rate model (module docstring).
-
-    `base_visible_bias`: a_A, e.g. `visible_bias_from_means(train.mean(0))`; zeros when None.
-    `betas`: a count for `ais_betas` or an increasing schedule from 0 to 1. `generator` must live on
-    the model's device. The chains run in the model's dtype, the log weights accumulate in float64.
-    """
-    schedule = ais_betas(betas) if isinstance(betas, int) else betas.detach().double().cpu()
-    if schedule.dim() != 1 or len(schedule) < 2 or schedule[0] != 0 or schedule[-1] != 1:
-        raise ValueError("the AIS schedule must be 1-D, start at 0 and end at 1")
-    beta = schedule.tolist()  # python floats: no device sync inside the loop
+) -> torch.Tensor:
+    """log w of `chains` AIS chains (float64, on the model's device); E[w] = Z_B / Z_A."""
+    beta = _schedule(betas)
     W, a_B, b = rbm.W, rbm.a, rbm.b
-    a_A = torch.zeros_like(a_B) if base_visible_bias is None else _like(base_visible_bias, rbm)
-    log_z_base = rbm.n_hidden * math.log(2) + F.softplus(a_A.double()).sum()
+    a_A = _base_bias(rbm, base_visible_bias)
     a_diff = a_B - a_A
 
-    v = bernoulli(torch.sigmoid(a_A).expand(chains, -1), generator)
+    sample = AnnealingSampler(generator, rbm.device, W.dtype)
+    v = sample(torch.sigmoid(a_A).expand(chains, -1))
     log_w = torch.zeros(chains, dtype=torch.float64, device=rbm.device)
     x = torch.empty(chains, rbm.n_hidden, dtype=W.dtype, device=rbm.device)
     for k in range(1, len(beta)):
@@ -191,20 +316,67 @@ def ais_log_z(
         log_w += (beta[k] - beta[k - 1]) * (v @ a_diff).double()
         log_w += (F.softplus(beta[k] * x64) - F.softplus(beta[k - 1] * x64)).sum(dim=1)
         if k < len(beta) - 1:  # one Gibbs step that leaves p_k invariant
-            h = bernoulli(torch.sigmoid(beta[k] * x), generator)
+            h = sample(torch.sigmoid(beta[k] * x))
             visible_bias = torch.lerp(a_A, a_B, beta[k])
-            v = bernoulli(torch.sigmoid(torch.addmm(visible_bias, h, W.T, alpha=beta[k])), generator)
+            v = sample(torch.sigmoid(torch.addmm(visible_bias, h, W.T, alpha=beta[k])))
+    return log_w
 
-    # log mean(w), log(mean(w) -/+ 3 std(w) / sqrt(M)), relative to the largest weight
+
+def _log_mean_exp_interval(log_w: torch.Tensor) -> tuple[float, float, float]:
+    """log mean(w) and log(mean(w) -/+ 3 std(w) / sqrt(M)), computed relative to the largest weight.
+
+    The lower end is -inf when mean(w) - 3 std(w) / sqrt(M) is not positive.
+    """
+    count = log_w.numel()
     top = log_w.max()
     w = torch.exp(log_w - top)
     mean = w.mean()
-    half_width = 3 * (w.std() if chains > 1 else torch.zeros_like(mean)) / math.sqrt(chains)
-    offset = log_z_base + top
-    estimate, high = (offset + torch.log(mean)).item(), (offset + torch.log(mean + half_width)).item()
+    half_width = 3 * (w.std() if count > 1 else torch.zeros_like(mean)) / math.sqrt(count)
+    estimate, high = (top + torch.log(mean)).item(), (top + torch.log(mean + half_width)).item()
     low_w = mean - half_width
-    low = (offset + torch.log(low_w)).item() if low_w.item() > 0 else -math.inf
-    return LogZEstimate(estimate, low, high, "ais", chains, len(beta))
+    low = (top + torch.log(low_w)).item() if low_w.item() > 0 else -math.inf
+    return estimate, low, high
+
+
+@torch.no_grad()
+def ais_log_z(
+    rbm: RBM,
+    base_visible_bias: torch.Tensor | None = None,
+    chains: int = 100,
+    betas: int | torch.Tensor = 14500,
+    generator: torch.Generator | None = None,
+    repeats: int = 1,
+) -> LogZEstimate:
+    """AIS estimate of log Z from the base-rate model (module docstring).
+
+    `base_visible_bias`: a_A, e.g. `visible_bias_from_means(train.mean(0))`; zeros when None.
+    `betas`: a count for `ais_betas` or an increasing schedule from 0 to 1. `generator` must live on
+    the model's device. The chains run in the model's dtype, the log weights accumulate in float64.
+
+    `repeats` > 1 makes that many independent AIS runs of `chains` chains each. AIS's chains never
+    interact, so the runs go side by side as one batch of repeats x chains rows (the matrix products
+    are more efficient so): the estimate and its interval use all repeats x chains weights (one run
+    with that many chains, the unbiased estimate of Z with the most data), and `repeat_log_z` keeps
+    each run's own log Z, whose spread says how far one run of `chains` chains can be trusted.
+    """
+    if repeats < 1:
+        raise ValueError(f"AIS repeats must be >= 1, got {repeats}")
+    log_w = ais_log_weights(rbm, base_visible_bias, chains * repeats, betas, generator)
+    betas_count = betas if isinstance(betas, int) else len(betas)
+    return log_z_from_log_weights(list(log_w.view(repeats, chains)), base_log_z(rbm, base_visible_bias), betas_count)
+
+
+def log_z_from_log_weights(runs: list[torch.Tensor], log_z_base: float, betas: int) -> LogZEstimate:
+    """AIS's estimate from the log weights of one or more runs of equally many chains.
+
+    log Z = log Z_A + log mean(w) over all the runs' weights, with the interval of the module
+    docstring; each run's own log Z goes to `repeat_log_z` when there are several.
+    """
+    chains = runs[0].numel()
+    estimate, low, high = _log_mean_exp_interval(torch.cat(runs))
+    per_run = tuple(log_z_base + torch.logsumexp(w, dim=0).item() - math.log(w.numel()) for w in runs)
+    return LogZEstimate(log_z_base + estimate, log_z_base + low, log_z_base + high, "ais", chains, betas,
+                        per_run if len(runs) > 1 else ())
 
 
 def log_z(rbm: RBM, method: str = "auto", **ais_kwargs: Any) -> LogZEstimate:
@@ -224,11 +396,39 @@ def log_z(rbm: RBM, method: str = "auto", **ais_kwargs: Any) -> LogZEstimate:
 
 # --- RBM scores ------------------------------------------------------------------------------------
 @torch.no_grad()
+def unnormalised_log_p(rbm: RBM, v: torch.Tensor) -> torch.Tensor:
+    """-F(v) = log p(v) + log Z for each row of binary v, float64, on the model's device."""
+    return -_float64(rbm).free_energy(v.to(device=rbm.device, dtype=torch.float64))
+
+
+@dataclass(frozen=True)
+class LogLikelihood:
+    """A mean log-likelihood with its two uncertainties (module docstring, "Uncertainty").
+
+    `low` and `high` carry log Z's interval through (the lower end of log Z gives the upper end of
+    the log-likelihood); `stderr` is the standard deviation over images / sqrt(images), the error
+    of scoring a sample of images rather than their whole distribution.
+    """
+
+    mean: float
+    low: float
+    high: float
+    stderr: float
+    images: int
+
+    @classmethod
+    def from_scores(cls, scores: torch.Tensor, log_z: LogZEstimate) -> LogLikelihood:
+        """From per-image log p(v) + log Z (`unnormalised_log_p`, `dbn_lower_bound_per_image`)."""
+        centre = scores.double().mean().item()
+        return cls(centre - log_z.log_z, centre - log_z.high, centre - log_z.low, standard_error(scores),
+                   scores.numel())
+
+
+@torch.no_grad()
 def mean_log_likelihood(rbm: RBM, v: torch.Tensor, log_z: float | LogZEstimate) -> float:
     """Mean over the rows of binary v of log p(v) = -F(v) - log Z, in float64."""
     value = log_z.log_z if isinstance(log_z, LogZEstimate) else log_z
-    free_energy = _float64(rbm).free_energy(v.to(device=rbm.device, dtype=torch.float64))
-    return (-free_energy.mean()).item() - value
+    return unnormalised_log_p(rbm, v).mean().item() - value
 
 
 @torch.no_grad()
@@ -271,6 +471,151 @@ def free_energy_gap(rbm: RBM, train_v: torch.Tensor, val_v: torch.Tensor) -> flo
     train_f = model.free_energy(train_v[:n].to(device=rbm.device, dtype=torch.float64))
     val_f = model.free_energy(val_v[:n].to(device=rbm.device, dtype=torch.float64))
     return (val_f.mean() - train_f.mean()).item()
+
+
+# --- RAISE: reverse annealing from the data -------------------------------------------------------
+@dataclass(frozen=True)
+class RaiseEstimate:
+    """RAISE's log-likelihood estimates of the scored images (module docstring, "RAISE").
+
+    Each per-image value is a stochastic lower bound on log p_ann(v), the annealed model's
+    log-probability of that image; `log_likelihood` is their mean and `stderr` their standard
+    deviation over images / sqrt(images), the sampling error of scoring a subset of the test set.
+    """
+
+    log_likelihood: float
+    per_image: torch.Tensor  # float64, on the CPU
+    stderr: float
+    images: int
+    chains: int  # reverse chains per image
+    betas: int  # inverse temperatures of the schedule
+
+
+RAISE_ROWS = 1024
+"""Rows (images x chains) annealed side by side: enough for efficient matrix products, small
+enough for the CPU's caches."""
+
+
+@torch.no_grad()
+def raise_log_weights(
+    rbm: RBM,
+    v: torch.Tensor,
+    base_visible_bias: torch.Tensor | None = None,
+    betas: int | torch.Tensor = RAISE_BETAS,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """log w of one reverse chain per row of binary v (float64, on the model's device).
+
+    E[w] = p_ann(v) (module docstring). Each row anneals from its image back to the base-rate
+    model: the first move is a Gibbs step of the RBM itself, h ~ p(h | v) (the image's exact
+    posterior), then v ~ p(v | h); the k-th move is a Gibbs step at β_k, for k = K, ..., 1.
+    The chains run in the model's dtype, the log weights accumulate in float64.
+    """
+    beta = _schedule(betas)
+    W, a_B, b = rbm.W, rbm.a, rbm.b
+    a_A = _base_bias(rbm, base_visible_bias)
+    a_diff = a_B - a_A
+    sample = AnnealingSampler(generator, rbm.device, W.dtype)
+    v = _like(v, rbm)
+    log_w = unnormalised_log_p(rbm, v) - base_log_z(rbm, base_visible_bias)  # log p*_K(v) - log Z_A
+    x = torch.addmm(b, v, W)
+    for k in range(len(beta) - 1, 0, -1):
+        # the move T_k: a Gibbs step that leaves p_k invariant (and is its own reversal)
+        h = sample(torch.sigmoid(beta[k] * x))
+        visible_bias = torch.lerp(a_A, a_B, beta[k])
+        v = sample(torch.sigmoid(torch.addmm(visible_bias, h, W.T, alpha=beta[k])))
+        # log p*_{k-1}(v_{k-1}) - log p*_k(v_{k-1}) at the new states
+        torch.addmm(b, v, W, out=x)
+        x64 = x.double()
+        log_w -= (beta[k] - beta[k - 1]) * (v @ a_diff).double()
+        log_w -= (F.softplus(beta[k] * x64) - F.softplus(beta[k - 1] * x64)).sum(dim=1)
+    return log_w
+
+
+@torch.no_grad()
+def raise_log_likelihood(
+    rbm: RBM,
+    v: torch.Tensor,
+    base_visible_bias: torch.Tensor | None = None,
+    chains: int = RAISE_CHAINS,
+    betas: int | torch.Tensor = RAISE_BETAS,
+    generator: torch.Generator | None = None,
+    rows: int = RAISE_ROWS,
+) -> RaiseEstimate:
+    """RAISE (Burda, Grosse & Salakhutdinov 2015) for every row of binary v, `chains` chains each.
+
+    Per image, log mean_m w_m over its chains: a stochastic lower bound on log p_ann(v) (module
+    docstring). The images x chains rows run in batches of about `rows`.
+    """
+    return _raise_per_image(
+        v, chains, betas, rows, lambda batch: raise_log_weights(rbm, batch, base_visible_bias, betas, generator)
+    )
+
+
+@torch.no_grad()
+def dbn_raise_log_likelihood(
+    v: torch.Tensor,
+    R: torch.Tensor,
+    b_up: torch.Tensor,
+    G: torch.Tensor,
+    a: torch.Tensor,
+    top: RBM,
+    base_visible_bias: torch.Tensor | None = None,
+    chains: int = RAISE_CHAINS,
+    betas: int | torch.Tensor = RAISE_BETAS,
+    generator: torch.Generator | None = None,
+    rows: int = RAISE_ROWS,
+) -> RaiseEstimate:
+    """RAISE for a two-layer DBN (module docstring): per chain h1 ~ Q(h1 | v), then reverse annealing
+    of the top RBM from h1 to its base-rate model (visible bias `base_visible_bias` on h1).
+
+    Per image, log mean_m [p(v | h1_m) ŵ_top(h1_m) / Q(h1_m | v)]: a stochastic lower bound on the
+    annealed DBN's log p(v). R, b_up, G, a and `top` as in `dbn_lower_bound`.
+    """
+    _check_dbn(v, G, a, top)
+    top = top.to(G.device)
+    R64, b64, G64, a64 = R.double(), b_up.double(), G.double(), a.double()
+
+    def log_weights(batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(device=G.device, dtype=torch.float64)
+        logits = torch.addmm(b64, batch, R64)  # Q(h1_j = 1 | v) = σ(logits_j)
+        h1 = bernoulli(torch.sigmoid(logits), generator)
+        log_q = (h1 * F.logsigmoid(logits) + (1 - h1) * F.logsigmoid(-logits)).sum(dim=1)
+        z = torch.addmm(a64, h1, G64)
+        log_p_v_given_h1 = (batch * z).sum(dim=1) - F.softplus(z).sum(dim=1)
+        log_w_top = raise_log_weights(top, h1, base_visible_bias, betas, generator)
+        return log_p_v_given_h1 - log_q + log_w_top
+
+    return _raise_per_image(v, chains, betas, rows, log_weights)
+
+
+def _raise_per_image(
+    v: torch.Tensor,
+    chains: int,
+    betas: int | torch.Tensor,
+    rows: int,
+    log_weights: Callable[[torch.Tensor], torch.Tensor],
+) -> RaiseEstimate:
+    """log mean_m w_m per image, each image's `chains` rows side by side, about `rows` rows a batch."""
+    if chains < 1:
+        raise ValueError(f"RAISE needs at least one chain per image, got {chains}")
+    images = v.shape[0]
+    if images < 1:
+        raise ValueError("RAISE needs at least one image")
+    per_image = []
+    for start, stop in _chunks(images, max(1, rows // chains)):
+        batch = v[start:stop].repeat_interleave(chains, dim=0)  # image n's chains: rows n*M .. n*M + M-1
+        log_w = log_weights(batch).view(stop - start, chains)
+        per_image.append(torch.logsumexp(log_w, dim=1) - math.log(chains))
+    values = torch.cat(per_image).cpu()
+    betas_count = betas if isinstance(betas, int) else len(betas)
+    return RaiseEstimate(values.mean().item(), values, standard_error(values), images, chains, betas_count)
+
+
+def standard_error(values: torch.Tensor) -> float:
+    """std(values) / sqrt(n) (0 for a single value): the sampling error of their mean."""
+    n = values.numel()
+    return values.double().std().item() / math.sqrt(n) if n > 1 else 0.0
 
 
 # --- two-layer DBN ---------------------------------------------------------------------------------
@@ -318,24 +663,26 @@ def _dbn_inputs(
 
 
 @torch.no_grad()
-def dbn_lower_bound(
+def dbn_lower_bound_per_image(
     v: torch.Tensor,
     R: torch.Tensor,
     b_up: torch.Tensor,
     G: torch.Tensor,
     a: torch.Tensor,
     top: RBM,
-    top_log_z: float,
     samples: int = 10,
     generator: torch.Generator | None = None,
     exact: bool | None = None,
-) -> float:
-    """Mean over rows of the variational lower bound on log p(v) of a two-layer DBN (module docstring).
+) -> torch.Tensor:
+    """Per row, the variational lower bound on log p(v) + log Z_top of a two-layer DBN (float64).
+
+    The bound of `dbn_lower_bound` before the top RBM's log partition function is subtracted, one
+    value per row (for the standard error over images and for comparisons image by image).
 
     R [V, H1] and b_up [H1] define Q(h1 | v) = prod sigmoid(v R + b_up); G [H1, V] and a [V] define
-    p(v | h1); `top` is the RBM over (h1, h2) and `top_log_z` its log partition function. The
-    expectation under Q is exact by enumerating h1 (`exact`; None means H1 <= 16), otherwise a
-    Monte Carlo average over `samples` draws per row (`generator` on G's device).
+    p(v | h1); `top` is the RBM over (h1, h2). The expectation under Q is exact by enumerating h1
+    (`exact`; None means H1 <= 16), otherwise a Monte Carlo average over `samples` draws per row
+    (`generator` on G's device).
     """
     v, G, a, top = _dbn_inputs(v, G, a, top)
     H1 = G.shape[0]
@@ -362,7 +709,28 @@ def dbn_lower_bound(
             h1 = bernoulli(q, generator)
             expected += _log_joint_paired(v, h1, G, a, top)
         expected /= samples
-    return (expected + entropy).mean().item() - top_log_z
+    return expected + entropy
+
+
+@torch.no_grad()
+def dbn_lower_bound(
+    v: torch.Tensor,
+    R: torch.Tensor,
+    b_up: torch.Tensor,
+    G: torch.Tensor,
+    a: torch.Tensor,
+    top: RBM,
+    top_log_z: float,
+    samples: int = 10,
+    generator: torch.Generator | None = None,
+    exact: bool | None = None,
+) -> float:
+    """Mean over rows of the variational lower bound on log p(v) of a two-layer DBN (module docstring).
+
+    `top_log_z` is the top RBM's log partition function; the rest as `dbn_lower_bound_per_image`.
+    """
+    rows = dbn_lower_bound_per_image(v, R, b_up, G, a, top, samples, generator, exact)
+    return rows.mean().item() - top_log_z
 
 
 @torch.no_grad()

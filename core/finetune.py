@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from rbm_study.core.data import Binarizer, minibatches
 from rbm_study.core.dbn import DBN
 from rbm_study.core.rbm import RBM, FastBernoulli, bernoulli

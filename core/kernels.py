@@ -1,14 +1,15 @@
 """Bernoulli sampling on the CPU in one compiled loop (numba): random bits, comparison, sample.
 
 Why: after its five matrix products, the largest cost of a CD-1 step of 100 MNIST images on a CPU
-is drawing its ~90,000 Bernoulli samples. numpy's SFC64 makes one 64-bit word at a time
-(~1.7 ns a word here), and in torch turning the bits into uniforms and comparing them with p are
-two more passes through memory. Here 64 SFC64 generators step side by side, so the compiler puts
-them in vector registers (~0.5 ns a word), and one loop turns bits and p into samples: a CD-1 epoch
-takes ~10% less time (the old and the new sampler taking turns in one process, 10 rounds). numba
-compiles these functions for the machine at first use and caches the result next to this file (in
-the user's cache where that is read-only). Tensors on other devices take torch's ops instead
-(`core.rbm.FastBernoulli`).
+is drawing its ~90,000 Bernoulli samples. numpy's SFC64 makes one 64-bit word at a time, and torch's
+CPU generator (a Mersenne twister) runs serially too; in torch, turning the bits into uniforms and
+comparing them with p are two more passes through memory. Here 64 SFC64 generators step side by
+side, so the compiler puts them in vector registers, and one loop turns bits and p into samples.
+The benchmark (`python -m tests.bench`) times the trainer with and without this loop in the same
+rounds; the loop stays only while it makes CD-1 epochs at least 1.15x faster. numba compiles these
+functions for the machine at first use and caches the result next to this file (in the user's
+cache where that is read-only); they run on the calling thread (no thread pool of numba's own).
+Tensors on other devices take torch's ops instead (`core.rbm.FastBernoulli`).
 
 The functions take flat numpy views of contiguous CPU tensors (`flat`) and allocate nothing.
 """
@@ -29,7 +30,8 @@ def flat(t: torch.Tensor) -> np.ndarray:
     """A flat numpy view of a contiguous CPU tensor: writes through it land in the tensor."""
     if not t.is_contiguous():
         raise ValueError("the fused CPU kernels need contiguous tensors")
-    return t.detach().numpy().reshape(-1)
+    # called several times a training step: detach only where needed, it costs as much as the view
+    return (t.detach() if t.requires_grad else t).numpy().reshape(-1)
 
 
 LANES = 64
@@ -66,9 +68,19 @@ def sfc64_fill(state: np.ndarray, out: np.ndarray) -> None:
             out[k, lane] = tmp
 
 
+BLOCK_ROWS = 16
+"""Rows of random words made at a time (16 x LANES words, 8 KB): they are read back while still in
+the fastest cache, instead of a whole call's words being written out and read back from memory."""
+
+
 def words_needed(n: int) -> int:
-    """Rows of `sfc64_fill` output that `bernoulli` needs for n samples (four per 64-bit word)."""
+    """Rows of `sfc64_fill` output that n samples take (four per 64-bit word)."""
     return -(-n // (4 * LANES))
+
+
+def scratch_rows(n: int) -> int:
+    """Rows of scratch the samplers below need for n samples: at most one block's."""
+    return min(words_needed(n), BLOCK_ROWS)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -77,6 +89,12 @@ def _fresh_bits(n: int, state: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     words = scratch[: -(-n // (4 * state.shape[1]))]
     sfc64_fill(state, words)
     return words.reshape(-1).view(np.uint16)
+
+
+@numba.njit(cache=True, nogil=True)
+def _block(state: np.ndarray, scratch: np.ndarray) -> int:
+    """Samples per block: whole rows of words, as many as `scratch` holds (at most BLOCK_ROWS)."""
+    return 4 * state.shape[1] * max(1, min(scratch.shape[0], BLOCK_ROWS))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -89,12 +107,17 @@ def _uniform(s: np.uint16) -> np.float32:
 def bernoulli(p: np.ndarray, state: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> None:
     """out[i] = 1 if u_i < p[i] else 0, u_i = (s_i + 0.5) / 65536 for fresh 16-bit integers s_i.
 
-    The s_i are the 16-bit quarters of `sfc64_fill` words written into `scratch` (at least
-    `words_needed(len(p))` rows); leftover quarters are dropped.
+    The s_i are the 16-bit quarters of `sfc64_fill` words, in order, made a block at a time into
+    `scratch` (at least `scratch_rows(len(p))` rows); the last word's leftover quarters are dropped.
+    The blocks are whole rows, so the samples are those of all the words made at once.
     """
-    bits = _fresh_bits(p.shape[0], state, scratch)
-    for i in range(p.shape[0]):
-        out[i] = _ONE if _uniform(bits[i]) < p[i] else _ZERO
+    n, block = p.shape[0], _block(state, scratch)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        bits = _fresh_bits(stop - start, state, scratch)
+        p_part, out_part = p[start:stop], out[start:stop]
+        for i in range(stop - start):
+            out_part[i] = _ONE if _uniform(bits[i]) < p_part[i] else _ZERO
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -102,9 +125,13 @@ def bernoulli_scatter(
     p: np.ndarray, index: np.ndarray, state: np.ndarray, scratch: np.ndarray, out: np.ndarray
 ) -> None:
     """out[index[i]] = 1 if u_i < p[i] else 0: `bernoulli`, each sample written where it belongs."""
-    bits = _fresh_bits(p.shape[0], state, scratch)
-    for i in range(p.shape[0]):
-        out[index[i]] = 1 if _uniform(bits[i]) < p[i] else 0
+    n, block = p.shape[0], _block(state, scratch)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        bits = _fresh_bits(stop - start, state, scratch)
+        p_part, index_part = p[start:stop], index[start:stop]
+        for i in range(stop - start):
+            out[index_part[i]] = 1 if _uniform(bits[i]) < p_part[i] else 0
 
 
 # reassoc lets the sum run in vector lanes; NaNs still propagate (no "nnan")
@@ -117,10 +144,14 @@ def bernoulli_and_squared_error(
     A CD step samples the chain from its reconstruction p(v|h0) and reports the reconstruction's
     squared error against the data v: one read of p does both.
     """
-    bits = _fresh_bits(p.shape[0], state, scratch)
+    n, block = p.shape[0], _block(state, scratch)
     total = 0.0
-    for i in range(p.shape[0]):
-        out[i] = _ONE if _uniform(bits[i]) < p[i] else _ZERO
-        d = p[i] - v[i]
-        total += d * d
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        bits = _fresh_bits(stop - start, state, scratch)
+        p_part, v_part, out_part = p[start:stop], v[start:stop], out[start:stop]
+        for i in range(stop - start):
+            out_part[i] = _ONE if _uniform(bits[i]) < p_part[i] else _ZERO
+            d = p_part[i] - v_part[i]
+            total += d * d
     return total

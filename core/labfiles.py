@@ -16,6 +16,7 @@ import io
 from pathlib import Path
 
 import torch
+
 from rbm_study.core.dbn import DBN
 from rbm_study.core.errors import UserError
 from rbm_study.core.finetune import UpDownDBN

@@ -12,6 +12,25 @@ reconstruction error, pseudo-log-likelihood and the free-energy gap. Final metri
 dict with dotted names (`rbm.val.log_likelihood`, `final.test.log_likelihood`, ...); per-epoch
 metrics go to `on_epoch(stage, epoch, metrics)` as they happen.
 
+Every log-likelihood comes with its uncertainty (`core.evaluate`, "Uncertainty"):
+
+    {stage}.{split}.log_likelihood[_low|_high]   the estimate and the ends that log Z's interval gives
+    {stage}.{split}.log_likelihood_stderr        standard error over the scored images
+    {stage}.log_z_sd                             spread of log Z over eval.ais_repeats AIS runs (0 for one)
+    {stage}.test.log_likelihood_raise[_stderr]   RAISE on the first eval.raise_images test images
+    {stage}.test.log_likelihood_raise_gap[_stderr]  RAISE minus the forward estimate, image by image,
+                                                 on those images (negative: RAISE is the lower one)
+
+For the RBM, RAISE is a stochastic lower bound on its annealed model's log-likelihood; for the DBNs
+it bounds the DBN whose top RBM is annealed, with an importance-weighted recognition pass
+(`core.evaluate`, "RAISE"), so each stage gets the conservative side beside AIS's. With
+eval.curve_every = N > 0 a cheap estimate (AIS with eval.curve_chains x eval.curve_betas, on the
+first eval.curve_images validation images; the DBN's bound for the DBN stages) runs after every
+N-th epoch of each stage: per-epoch `val_log_likelihood` and `curve_seconds`. The seconds each
+estimator took are final metrics too (`{stage}.ais_seconds`, `.raise_seconds`, `.curve_seconds`).
+AIS, RAISE and the curves draw from generators of their own, seeded from the run's seed, so their
+settings (or turning them off) leave the trained models as they were.
+
 After tasks 1 and 2 the run hands a `LabCheckpoint` to `on_checkpoint`: the finished models, their
 metrics and the random generator's state. `run_lab(..., resume_from=checkpoint)` carries on from
 there and, on the CPU, ends with the same weights as a run that was never interrupted.
@@ -27,17 +46,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
+
 from rbm_study.core import evaluate, labfiles
 from rbm_study.core.data import MNIST, TEST_BINARIZE_SEED, Binarizer, binarize_once, load_mnist
 from rbm_study.core.dbn import DBN, mean_activity, train_dbn_layer
 from rbm_study.core.finetune import UpDownDBN, fine_tune
 from rbm_study.core.rbm import RBM, visible_bias_from_means
 from rbm_study.core.train import CDSettings, train_rbm
-from tqdm.auto import tqdm
 
 STAGES = ("rbm", "dbn", "finetune")
 StageEpochCallback = Callable[[str, int, dict[str, float]], None]
 EPOCH_EVAL_ROWS = 1000  # rows of the validation set scored after every epoch (cheap signals)
+RAISE_SPLITS = ("test",)  # the splits RAISE scores (its first eval.raise_images images of each)
+# Seeds of the evaluation's own generators (AIS, RAISE, the likelihood curves), one per stage and
+# use: drawing from the training generator would make the trained models depend on eval settings.
+_EVAL_SEEDS = {(use, stage): 100 * u + i for u, use in enumerate(("ais", "raise", "curve"), 1)
+               for i, stage in enumerate(STAGES)}
 
 
 @dataclass
@@ -111,6 +136,9 @@ class _EvalSets:
             train_sample=binarize_once(data.train[: val.shape[0]], seed=2468),
         )
 
+    def split(self, name: str) -> torch.Tensor:
+        return {"val": self.val, "test": self.test}[name]
+
 
 def run_lab(
     config: dict,
@@ -135,7 +163,11 @@ def run_lab(
     epochs = {"rbm": r["epochs"], "dbn": s["epochs"], "finetune": f["epochs"]}
     bar = tqdm(total=sum(epochs.values()), initial=sum(epochs[stage] for stage in STAGES[:done]),
                disable=not progress, unit="epoch", dynamic_ncols=True)
-    metrics: dict[str, float] = {"eval.ais_chains": e["ais_chains"], "eval.ais_betas": e["ais_betas"]}
+    metrics: dict[str, float] = {
+        f"eval.{key}": float(e[key])
+        for key in ("ais_chains", "ais_betas", "ais_repeats", "raise_images", "raise_chains", "raise_betas",
+                    "curve_every", "curve_chains", "curve_betas", "curve_images")
+    }
     epoch_log: dict[str, list[float]] = {stage: [] for stage in STAGES}
     models: dict[str, dict[str, torch.Tensor]] = {}
     if resume_from is not None:
@@ -162,12 +194,61 @@ def run_lab(
 
         return callback
 
-    def ais(model: RBM, base_bias: torch.Tensor) -> evaluate.LogZEstimate:
+    def ais(stage: str, model: RBM, base_bias: torch.Tensor) -> evaluate.LogZEstimate:
         bar.set_postfix_str("estimating log Z")
-        return evaluate.log_z(
+        started = time.perf_counter()
+        estimate = evaluate.log_z(
             model, "auto", base_visible_bias=base_bias, chains=e["ais_chains"], betas=e["ais_betas"],
-            generator=generator,
+            generator=eval_generator("ais", stage), repeats=e["ais_repeats"],
         )
+        metrics[f"{stage}.ais_seconds"] = time.perf_counter() - started
+        return estimate
+
+    def eval_generator(use: str, stage: str, epoch: int = 0) -> torch.Generator:
+        seed = (config["seed"] * 1_000 + _EVAL_SEEDS[use, stage]) * 100_000 + epoch
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def reverse_estimates(stage: str, scored: _Scored, run: Callable[..., evaluate.RaiseEstimate]) -> None:
+        """RAISE on the first eval.raise_images images of each split in RAISE_SPLITS (timed)."""
+        if e["raise_images"] == 0:
+            return
+        bar.set_postfix_str("RAISE")
+        started = time.perf_counter()
+        g = eval_generator("raise", stage)
+        for split in RAISE_SPLITS:
+            v = sets.split(split)[: e["raise_images"]]
+            estimate = run(v, chains=e["raise_chains"], betas=e["raise_betas"], generator=g)
+            metrics.update(_finite(_raise_metrics(f"{stage}.{split}", estimate, scored.log_p[split])))
+        metrics[f"{stage}.raise_seconds"] = time.perf_counter() - started
+
+    def curve(stage: str, score: Callable[[object, torch.Generator], float]) -> Callable[[object], dict[str, float]]:
+        """The per-epoch likelihood curve: `score(model, generator)` every eval.curve_every epochs."""
+        epoch = 0
+        metrics[f"{stage}.curve_seconds"] = metrics.get(f"{stage}.curve_seconds", 0.0)
+
+        def measure(model: object) -> dict[str, float]:
+            nonlocal epoch
+            epoch += 1
+            if e["curve_every"] == 0 or epoch % e["curve_every"]:
+                return {}
+            started = time.perf_counter()
+            value = score(model, eval_generator("curve", stage, epoch))
+            seconds = time.perf_counter() - started
+            metrics[f"{stage}.curve_seconds"] += seconds
+            return {"val_log_likelihood": value, "curve_seconds": seconds}
+
+        return measure
+
+    curve_val = sets.val[: e["curve_images"]]
+
+    def curve_log_z(model: RBM, base_bias: torch.Tensor, g: torch.Generator) -> evaluate.LogZEstimate:
+        return evaluate.log_z(model, "auto", base_visible_bias=base_bias, chains=e["curve_chains"],
+                              betas=e["curve_betas"], generator=g)
+
+    def curve_dbn_bound(model: UpDownDBN, base_bias: torch.Tensor, g: torch.Generator) -> float:
+        top_log_z = curve_log_z(model.top, base_bias, g).log_z
+        parts = (model.R, model.b_rec, model.G, model.a, model.top)
+        return evaluate.dbn_lower_bound(curve_val, *parts, top_log_z=top_log_z, generator=g, exact=False)
 
     images = Binarizer(data.train)  # one binary copy for the three tasks' training epochs
 
@@ -179,9 +260,12 @@ def run_lab(
             cd_k=r["cd_k"], persistent=r["persistent"], learning_rate=r["learning_rate"], epochs=r["epochs"],
             batch_size=r["batch_size"], momentum=r["momentum"], weight_decay=r["weight_decay"],
         )
+        rbm_curve = curve("rbm", lambda m, g: evaluate.mean_log_likelihood(m, curve_val, curve_log_z(m, pixel_bias, g)))
         train_rbm(rbm, images, rbm_settings, generator, _timed(report("rbm"), epoch_log["rbm"]),
-                  epoch_metrics=lambda m: _rbm_epoch_metrics(m, sets, generator))
-        metrics.update(_finite(_score_rbm(rbm, sets, ais(rbm, pixel_bias), generator)))
+                  epoch_metrics=lambda m: {**_rbm_epoch_metrics(m, sets, generator), **rbm_curve(m)})
+        scored = _score_rbm(rbm, sets, ais("rbm", rbm, pixel_bias), generator)
+        metrics.update(_finite(scored.metrics))
+        reverse_estimates("rbm", scored, lambda v, **kw: evaluate.raise_log_likelihood(rbm, v, pixel_bias, **kw))
         checkpoint("rbm", rbm)
     else:
         rbm = restored("rbm")
@@ -192,11 +276,13 @@ def run_lab(
         dbn_settings = CDSettings(
             cd_k=s["cd_k"], learning_rate=s["learning_rate"], epochs=s["epochs"], batch_size=r["batch_size"]
         )
+        dbn_curve = curve("dbn", lambda top, g: curve_dbn_bound(_untied(DBN([rbm, top])), h1_bias, g))
         top = train_dbn_layer([rbm], s["hidden_size"], images, dbn_settings, generator,
-                              _timed(report("dbn"), epoch_log["dbn"]))
+                              _timed(report("dbn"), epoch_log["dbn"]), epoch_metrics=dbn_curve)
         dbn = DBN([rbm.clone(), top])
-        top_estimate = ais(dbn.top, h1_bias)
-        metrics.update(_finite(_score_dbn("dbn", _untied(dbn), sets, top_estimate, generator)))
+        scored = _score_dbn("dbn", _untied(dbn), sets, ais("dbn", dbn.top, h1_bias), generator)
+        metrics.update(_finite(scored.metrics))
+        reverse_estimates("dbn", scored, _dbn_raise(_untied(dbn), h1_bias))
         checkpoint("dbn", dbn)
     else:
         dbn = restored("dbn")
@@ -208,10 +294,12 @@ def run_lab(
             cd_k=f["cd_k"], learning_rate=f["learning_rate"], epochs=f["epochs"], batch_size=r["batch_size"]
         )
         finetuned = fine_tune(
-            dbn, images, ft_settings, generator, _timed(report("finetune"), epoch_log["finetune"])
+            dbn, images, ft_settings, generator, _timed(report("finetune"), epoch_log["finetune"]),
+            epoch_metrics=curve("finetune", lambda model, g: curve_dbn_bound(model, h1_bias, g)),
         )
-        ft_estimate = ais(finetuned.top, h1_bias)
-        metrics.update(_finite(_score_dbn("finetune", finetuned, sets, ft_estimate, generator)))
+        scored = _score_dbn("finetune", finetuned, sets, ais("finetune", finetuned.top, h1_bias), generator)
+        metrics.update(_finite(scored.metrics))
+        reverse_estimates("finetune", scored, _dbn_raise(finetuned, h1_bias))
 
     for stage, seconds in epoch_log.items():
         if seconds:
@@ -252,29 +340,73 @@ def _rbm_epoch_metrics(rbm: RBM, sets: _EvalSets, generator: torch.Generator) ->
     }
 
 
+@dataclass
+class _Scored:
+    """A stage's final metrics, and per split the per-image log p(v) (or its DBN bound) they came from."""
+
+    metrics: dict[str, float]
+    log_p: dict[str, torch.Tensor]
+
+
 def _score_rbm(
     rbm: RBM, sets: _EvalSets, estimate: evaluate.LogZEstimate, generator: torch.Generator
-) -> dict[str, float]:
+) -> _Scored:
     out = _log_z_metrics("rbm", estimate)
+    log_p = {}
     for split, v in (("val", sets.val), ("test", sets.test)):
-        out[f"rbm.{split}.log_likelihood"] = evaluate.mean_log_likelihood(rbm, v, estimate.log_z)
+        scores = evaluate.unnormalised_log_p(rbm, v)
+        log_p[split] = scores - estimate.log_z
+        out.update(_likelihood_metrics(f"rbm.{split}", scores, estimate))
         out[f"rbm.{split}.recon_error"] = evaluate.reconstruction_error(rbm, v, generator)
         out[f"rbm.{split}.pseudo_log_likelihood"] = evaluate.pseudo_log_likelihood(rbm, v, generator)
     out["rbm.free_energy_gap"] = evaluate.free_energy_gap(rbm, sets.train_sample, sets.val)
-    return out
+    return _Scored(out, log_p)
 
 
 def _score_dbn(
     stage: str, model: UpDownDBN, sets: _EvalSets, estimate: evaluate.LogZEstimate, generator: torch.Generator
-) -> dict[str, float]:
+) -> _Scored:
     out = _log_z_metrics(stage, estimate)
+    log_p = {}
     parts = (model.R, model.b_rec, model.G, model.a, model.top)
     for split, v in (("val", sets.val), ("test", sets.test)):
-        out[f"{stage}.{split}.log_likelihood"] = evaluate.dbn_lower_bound(
-            v, *parts, top_log_z=estimate.log_z, generator=generator
-        )
+        scores = evaluate.dbn_lower_bound_per_image(v, *parts, generator=generator)
+        log_p[split] = scores - estimate.log_z
+        out.update(_likelihood_metrics(f"{stage}.{split}", scores, estimate))
         out[f"{stage}.{split}.recon_error"] = evaluate.dbn_reconstruction_error(v, *parts, generator=generator)
-    return out
+    return _Scored(out, log_p)
+
+
+def _likelihood_metrics(prefix: str, scores: torch.Tensor, estimate: evaluate.LogZEstimate) -> dict[str, float]:
+    """`prefix`.log_likelihood with its interval from log Z's and its standard error over the images."""
+    ll = evaluate.LogLikelihood.from_scores(scores, estimate)
+    return {
+        f"{prefix}.log_likelihood": ll.mean,
+        f"{prefix}.log_likelihood_low": ll.low,
+        f"{prefix}.log_likelihood_high": ll.high,
+        f"{prefix}.log_likelihood_stderr": ll.stderr,
+    }
+
+
+def _raise_metrics(prefix: str, estimate: evaluate.RaiseEstimate, log_p: torch.Tensor) -> dict[str, float]:
+    """RAISE's mean and standard error, and its gap to the forward estimate on the same images.
+
+    The gap is RAISE minus log p(v) from AIS's log Z (or the exact one) image by image, averaged
+    over the images RAISE scored; its standard error is that of the paired differences, much
+    smaller than either estimate's own (most of an image's score is shared by both).
+    """
+    difference = estimate.per_image - log_p[: estimate.images].cpu()
+    return {
+        f"{prefix}.log_likelihood_raise": estimate.log_likelihood,
+        f"{prefix}.log_likelihood_raise_stderr": estimate.stderr,
+        f"{prefix}.log_likelihood_raise_gap": difference.mean().item(),
+        f"{prefix}.log_likelihood_raise_gap_stderr": evaluate.standard_error(difference),
+    }
+
+
+def _dbn_raise(model: UpDownDBN, h1_bias: torch.Tensor) -> Callable[..., evaluate.RaiseEstimate]:
+    parts = (model.R, model.b_rec, model.G, model.a, model.top)
+    return lambda v, **settings: evaluate.dbn_raise_log_likelihood(v, *parts, h1_bias, **settings)
 
 
 def _log_z_metrics(stage: str, estimate: evaluate.LogZEstimate) -> dict[str, float]:
@@ -282,6 +414,7 @@ def _log_z_metrics(stage: str, estimate: evaluate.LogZEstimate) -> dict[str, flo
         f"{stage}.log_z": estimate.log_z,
         f"{stage}.log_z_low": estimate.low,
         f"{stage}.log_z_high": estimate.high,
+        f"{stage}.log_z_sd": estimate.repeat_sd,
         f"{stage}.log_z_exact": float(estimate.method == "exact"),
     }
 

@@ -19,9 +19,12 @@ intercept_visible_ and intercept_hidden_. Training lives in `core.train`.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from rbm_study.core import kernels
 
 
@@ -128,9 +131,9 @@ def bernoulli(p: torch.Tensor, generator: torch.Generator | None = None) -> torc
     """Binary samples with P(1) = p, as floats: the exact path, for evaluation and figures.
 
     u ~ U[0, 1) from `torch.rand` carries 24 random bits, as many as a float32 mantissa, so
-    P(u < p) = p to float32 precision. `rand` then a comparison is about 3x faster on the CPU than
-    `torch.bernoulli` (which draws element by element), and writing the comparison's 0/1 straight
-    into the float buffer skips a bool tensor and its slow cast. Same draws, same samples as
+    P(u < p) = p to float32 precision. `rand` then a comparison runs vectorised on the CPU, where
+    `torch.bernoulli` draws element by element, and writing the comparison's 0/1 straight into the
+    float buffer skips a bool tensor and its cast. Same draws, same samples as
     `(torch.rand(p.shape, generator=generator) < p).float()`.
     """
     u = torch.empty_like(p, memory_format=torch.contiguous_format).uniform_(generator=generator)
@@ -149,9 +152,9 @@ class FastBernoulli:
 
     and a sample is the comparison u < p. On the CPU the words come from 64 SFC64 generators (numpy's
     algorithm and seeding, stepped side by side), seeded from one draw of `generator`, and one
-    compiled loop makes the words and compares (`core.kernels`; ~4x faster than numpy's SFC64 and a
-    torch comparison). On other devices the words come from `generator` itself, into a pool of
-    float uniforms made in large blocks, and the comparison is torch's.
+    compiled loop makes the words and compares (`core.kernels`, which says why). On other devices,
+    and on the CPU with `compiled` off, the words come from `generator` itself, into a pool of float
+    uniforms made in large blocks, and the comparison is torch's.
 
     Precision: P(u < p) is p rounded to a multiple of 2^-16 (to the nearest, ties aside), so the
     bias is at most 2^-17 per unit; p < 2^-17 never fires and p > 1 - 2^-17 always does, p = 0
@@ -163,12 +166,17 @@ class FastBernoulli:
     takes fresh ones (a call's leftover bits, and a block's leftover uniforms, are dropped).
     """
 
+    compiled: ClassVar[bool] = True
+    """Whether samplers made from now on draw CPU samples with the compiled loop. Off, they take the
+    other devices' path (words from `generator`, torch's comparison): what `tests/bench.py` times
+    the loop against."""
+
     def __init__(self, generator: torch.Generator, block: int = 1 << 18):
         self.generator = generator
-        self.block = block  # uniforms per refill of the pool (devices other than the CPU)
-        self._lanes: np.ndarray | None = None  # CPU: the SFC64 generators' states
-        self._scratch = np.empty((0, kernels.LANES), dtype=np.uint64)  # CPU: their latest words
-        if generator.device.type == "cpu":
+        self.block = block  # uniforms per refill of the pool (the torch path)
+        self._lanes: np.ndarray | None = None  # compiled path: the SFC64 generators' states
+        self._scratch = np.empty((0, kernels.LANES), dtype=np.uint64)  # compiled path: their latest words
+        if generator.device.type == "cpu" and self.compiled:
             self._lanes = kernels.sfc64_lanes(int(torch.randint(2**62, (), generator=generator)))
         self._pool: torch.Tensor | None = None  # float32 uniforms
         self._next = 0  # first unused uniform of the pool
@@ -186,20 +194,20 @@ class FastBernoulli:
         """Samples of p as `__call__` makes them, and sum((p - v)^2) as a 0-dim tensor.
 
         A CD step's reconstruction p(v|h0) both starts its chain and is compared with the data v;
-        on the CPU one compiled pass over p does both (~3% of a CD-1 epoch saved).
+        on the CPU one compiled pass over p does both, instead of a second pass through memory.
         """
         if self._lanes is None:
             return self(p), torch.nn.functional.mse_loss(p, v, reduction="sum")
         out = torch.empty_like(p, memory_format=torch.contiguous_format)
         p_flat, v_flat, out_flat = kernels.flat(p.contiguous()), kernels.flat(v.contiguous()), kernels.flat(out)
         total = kernels.bernoulli_and_squared_error(p_flat, v_flat, self._lanes, self._scratch_for(p), out_flat)
-        return out, torch.tensor(total, dtype=p.dtype)
+        return out, torch.scalar_tensor(total, dtype=p.dtype)
 
     def scatter(self, p: torch.Tensor, index: torch.Tensor, out: torch.Tensor, chunk: int = 1 << 20) -> None:
         """out.view(-1)[index] = samples of p (flat), as `__call__` makes them, in chunks of `chunk`.
 
         A `Binarizer`'s redraw of its uncertain pixels: on the CPU one compiled pass writes each
-        sample where it belongs (~3% of a CD-1 epoch saved over sampling, then `index_copy_`).
+        sample where it belongs, instead of sampling into a buffer and then `index_copy_`.
         """
         flat_out = out.view(-1)
         for start in range(0, p.numel(), chunk):
@@ -213,8 +221,8 @@ class FastBernoulli:
 
     def _scratch_for(self, p: torch.Tensor) -> np.ndarray:
         """Room for the random words of p's samples (CPU): grown when needed, then reused."""
-        if self._scratch.shape[0] < kernels.words_needed(p.numel()):
-            self._scratch = np.empty((kernels.words_needed(p.numel()), kernels.LANES), dtype=np.uint64)
+        if self._scratch.shape[0] < kernels.scratch_rows(p.numel()):
+            self._scratch = np.empty((kernels.scratch_rows(p.numel()), kernels.LANES), dtype=np.uint64)
         return self._scratch
 
     def _uniforms(self, n: int) -> torch.Tensor:

@@ -8,18 +8,27 @@ CD-k on a minibatch of binary data v0 with N rows (LAB.md, task 1):
 
 Hidden statistics use probabilities (lower variance), the chain is driven by samples. PCD-k
 (Tieleman 2008) starts the negative chain from where the previous minibatch left it instead of
-from the data. Momentum and L2 weight decay follow Hinton's practical guide: the velocity
-accumulates lr * (gradient - weight_decay * W); both are off in the lab's settings.
+from the data. Momentum m and L2 weight decay wd follow Hinton's practical guide, for each
+parameter theta with gradient estimate g:
+
+    velocity <- m velocity + lr (g - wd theta);   theta <- theta + velocity
+
+(wd on W only); both are off in the lab's settings, where the step is just lr g.
+
+Every step is made of torch operations; the only compiled code is the Bernoulli sampler's loop
+(`core.kernels`, through `core.rbm.FastBernoulli`). How many threads those operations use is
+chosen as training goes (`AdaptiveThreads`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from rbm_study.core import cdstep
+
 from rbm_study.core.data import Binarizer
 from rbm_study.core.rbm import RBM, FastBernoulli
 
@@ -39,8 +48,119 @@ class CDSettings:
     weight_decay: float = 0.0
 
 
+class AdaptiveThreads:
+    """Runs a loop of small steps on whichever is faster now: torch's thread count, or one thread.
+
+    Why: each torch operation on the CPU is a parallel region whose threads all wait for the
+    slowest one, and a CD step is a few dozen of them. When another process keeps one of the
+    cores busy, the thread that shares that core runs only in the scheduler's time slices, and
+    every region waits for it; libgomp's waiting threads spin meanwhile, so the scheduler never
+    sees an idle core to move it to. The step then takes several times longer on two threads than
+    on one alone. Which count is faster depends on what else the machine runs, and that changes
+    while a trial runs, so it is measured instead of guessed:
+
+    - the loop runs in chunks of at least `chunk_seconds` of wall time; each chunk is timed, and
+      its seconds per step become the estimate for the thread count it ran on;
+    - the next chunk runs on the count with the lower estimate, so a slowdown of the count in use
+      moves training to the other count after one chunk;
+    - the count not in use is tried again for one chunk after 1, 2, 4, ... chunks (at most
+      `max_interval`), the interval doubling each time the trial loses and starting again at 1
+      when it wins: a trial that runs into a stolen core costs at most one chunk's time, and a
+      freed core is found again within `max_interval` chunks.
+
+    Why not let the threads wait passively instead (OMP_WAIT_POLICY=passive, which libgomp reads
+    once, when torch loads): that ends the stalls, but then every region has to wake a sleeping
+    thread, and on a quiet machine two threads became slower than one.
+
+    Only `torch.set_num_threads` is used; the count in force before `running` is restored after
+    it. Results do not depend on the count: MKL's sgemm and torch's element-wise operations and
+    column sums give the same bits on one thread as on two for the shapes trained here (the tests
+    check it), so the same seed still gives the same weights.
+    """
+
+    def __init__(
+        self, chunk_seconds: float = 0.02, max_interval: int = 16, clock: Callable[[], float] = time.perf_counter
+    ):
+        self.chunk_seconds = chunk_seconds
+        self.max_interval = max_interval
+        self.clock = clock
+        self.most = 1  # torch's thread count when `running` began: the larger of the two choices
+        self.threads = 1  # the count of the chunk now running
+        self.per_step: dict[int, float] = {}  # thread count -> seconds per step of its latest chunk
+        self.steps_on: dict[int, int] = {}  # thread count -> steps run on it, all told
+        self._active = False  # inside `running`, with more than one thread to choose from
+        self._trial = False  # whether the chunk now running tries the count not in use
+        self._interval = 1  # chunks between trials of the count not in use
+        self._until_trial = 1
+        self._steps = 0
+        self._chunk_start: float | None = None  # None until the first step of a `running` block ends
+
+    @contextmanager
+    def running(self, enabled: bool = True):
+        """Choose the thread count for the steps inside; each step ends with a call to `step`.
+
+        Disabled (a CUDA model) or with torch on one thread already, nothing is changed.
+        """
+        most = torch.get_num_threads()
+        if most != self.most:  # a new thread budget: earlier measurements do not apply
+            self.most, self.threads, self.per_step = most, most, {}
+            self._trial, self._interval, self._until_trial = False, 1, 1
+        self._active = enabled and most > 1
+        if self._active:
+            torch.set_num_threads(self.threads)
+        # the clock starts after the first step, which also pays for what precedes the loop
+        # (an epoch's first minibatch redraws the binary copy of the data)
+        self._steps, self._chunk_start = 0, None
+        try:
+            yield self
+        finally:
+            if self._active:
+                torch.set_num_threads(most)
+            self._active = False
+
+    def step(self) -> None:
+        """One step is done: at the end of a chunk, pick the thread count of the next one."""
+        if not self._active:
+            return
+        self.steps_on[self.threads] = self.steps_on.get(self.threads, 0) + 1
+        now = self.clock()
+        if self._chunk_start is None:
+            self._chunk_start = now
+            return
+        self._steps += 1
+        if now - self._chunk_start < self.chunk_seconds:
+            return
+        self.per_step[self.threads] = (now - self._chunk_start) / self._steps
+        self._choose()
+        self._steps, self._chunk_start = 0, self.clock()  # after the switch: not timed
+
+    def _choose(self) -> None:
+        current = self.threads
+        other = 1 if current == self.most else self.most
+        if self._trial:  # the trial chunk of `other` has just run on `current`: keep the faster
+            self._trial = False
+            if self.per_step[current] <= self.per_step[other]:
+                self._interval = 1
+            else:
+                self._interval = min(2 * self._interval, self.max_interval)
+                current = other
+            self._until_trial = self._interval
+        elif other in self.per_step and self.per_step[current] > self.per_step[other]:
+            current = other  # the count in use got slower than the other's last measurement
+            self._until_trial = self._interval = 1
+        else:
+            self._until_trial -= 1
+            if self._until_trial <= 0 or other not in self.per_step:
+                self._trial, current = True, other
+        if current != self.threads:
+            self.threads = current
+            torch.set_num_threads(current)
+
+
 @dataclass
 class _Velocity:
+    """The running velocity of each parameter (momentum only)."""
+
     W: torch.Tensor
     a: torch.Tensor
     b: torch.Tensor
@@ -48,6 +168,9 @@ class _Velocity:
     @classmethod
     def zeros_like(cls, rbm: RBM) -> _Velocity:
         return cls(torch.zeros_like(rbm.W), torch.zeros_like(rbm.a), torch.zeros_like(rbm.b))
+
+    def fits(self, rbm: RBM) -> bool:
+        return self.W.shape == rbm.W.shape and self.W.dtype == rbm.W.dtype and self.W.device == rbm.W.device
 
 
 @dataclass
@@ -58,7 +181,6 @@ class _Workspace:
     phk: torch.Tensor  # p(h|v) of the latest Gibbs step
     h: torch.Tensor  # the latest hidden sample
     pv: torch.Tensor  # p(v|h) of the latest Gibbs step
-    grad_weights: torch.Tensor | None = None  # dW, made on first use: only momentum needs it
 
     @classmethod
     def for_batch(cls, rbm: RBM, n: int) -> _Workspace:
@@ -81,7 +203,7 @@ def _conditional(bias: torch.Tensor, x: torch.Tensor, W: torch.Tensor, out: torc
 
 @dataclass
 class CDTrainer:
-    """The state of one CD/PCD run: the model, the settings, momentum and the persistent chain."""
+    """The state of one CD/PCD run: the model, the settings, the velocities and the persistent chain."""
 
     rbm: RBM
     settings: CDSettings
@@ -89,8 +211,7 @@ class CDTrainer:
     velocity: _Velocity | None = None
     chain: torch.Tensor | None = None  # PCD: the negative chain's visible states
     last_negative: torch.Tensor | None = None  # vk of the last step (up-down's sleep pass starts there)
-    compiled: bool = True  # plain CD on the CPU in one compiled call (`core.cdstep`) where it applies
-    _compiled_step: cdstep.CDStep | None = field(default=None, repr=False)
+    threads: AdaptiveThreads = field(default_factory=AdaptiveThreads, repr=False)  # epochs' thread count
     _work: _Workspace | None = field(default=None, repr=False)
     _sample: FastBernoulli | None = field(default=None, repr=False)  # the chain's sampler
     _data: Binarizer | None = field(default=None, repr=False)  # the training data, kept across epochs
@@ -107,23 +228,10 @@ class CDTrainer:
         """`step` without the host sync: the reconstruction error stays a 0-dim tensor on the device.
 
         The chain is sampled with `FastBernoulli` (16-bit uniforms, bias <= 2^-17 per unit): with
-        torch's own sampling the random numbers, not the matmuls, were the biggest cost of a step.
-        Plain CD (not PCD) on the CPU takes `core.cdstep` instead: the same update and the same
-        kind of samples in one compiled call; a CD-1 epoch 1.06-1.41x faster (2-core machines).
+        torch's own sampling the random numbers, not the matmuls, are the biggest cost of a step
+        on the CPU.
         """
         rbm, s, n = self.rbm, self.settings, v0.shape[0]
-        if s.momentum and self.velocity is None:
-            self.velocity = _Velocity.zeros_like(rbm)
-        if self._compiles(v0):
-            if self._compiled_step is None or self._compiled_step.generator is not self.generator:
-                self._compiled_step = cdstep.CDStep(self.generator)
-            vel = self.velocity
-            vk, squared_error = self._compiled_step(
-                v0, rbm.W, rbm.a, rbm.b, s.cd_k, s.learning_rate, s.weight_decay,
-                s.momentum, (vel.W, vel.a, vel.b) if vel is not None else None,
-            )  # fmt: skip
-            self.last_negative = vk
-            return torch.tensor(squared_error / n, dtype=v0.dtype)
         if self._sample is None or self._sample.generator is not self.generator:
             self._sample = FastBernoulli(self.generator)
         if self._work is None or not self._work.fits(rbm, n):
@@ -131,6 +239,8 @@ class CDTrainer:
         sample, work = self._sample, self._work
 
         ph0 = _conditional(rbm.b, v0, rbm.W, out=work.ph0)
+        # the visible side's column sums (da) are taken while each array is still in cache
+        v0_sum = v0.sum(dim=0)
         pv = _conditional(rbm.a, sample(ph0, out=work.h), rbm.W.T, out=work.pv)  # the reconstruction
         # the chain's visible samples are new tensors: they outlive the step (last_negative, PCD chain)
         if s.persistent:  # the chain goes on from its last state
@@ -149,52 +259,51 @@ class CDTrainer:
         self.last_negative = vk
         if s.persistent:
             self.chain = vk
+        self._descend(v0, v0_sum, ph0, vk, vk.sum(dim=0), phk)
+        return recon_error
 
-        grad_a = v0.sum(dim=0) - vk.sum(dim=0)  # two column sums: half the cost of (v0 - vk).sum
-        grad_b = ph0.sum(dim=0) - phk.sum(dim=0)
-        scale = s.learning_rate / n
-        if s.momentum:
-            # dW = v0' ph0 - vk' phk (times N) as two GEMMs into one buffer, no temporaries
-            if work.grad_weights is None:
-                work.grad_weights = torch.empty_like(rbm.W)
-            grad_W = torch.mm(v0.T, ph0, out=work.grad_weights).addmm_(vk.T, phk, alpha=-1.0)
-            if s.weight_decay:
-                grad_W.add_(rbm.W, alpha=-s.weight_decay * n)
+    def _descend(
+        self, v0: torch.Tensor, v0_sum: torch.Tensor, ph0: torch.Tensor, vk: torch.Tensor, vk_sum: torch.Tensor,
+        phk: torch.Tensor,
+    ) -> None:
+        """velocity <- m velocity + lr (g - wd theta);  theta += velocity, for theta = W, a, b.
+
+        The rule once, for every m: each parameter's step is summed into a target. With momentum
+        the target is the velocity, scaled by m first and kept from step to step, then added to
+        the parameter. Without, the velocity is this step alone, so the target is the parameter
+        itself: no buffer, one pass over W fewer, and the decay folds into the product's beta
+        (theta <- (1 - lr wd) theta + lr g). With g summed over the N rows,
+        lr g = lr/N (v0' ph0 - vk' phk) for W: two GEMMs into the target.
+        """
+        rbm, s, n = self.rbm, self.settings, v0.shape[0]
+        m, scale, decay = s.momentum, s.learning_rate / n, s.learning_rate * s.weight_decay
+        if m:
+            if self.velocity is None or not self.velocity.fits(rbm):
+                self.velocity = _Velocity.zeros_like(rbm)
             vel = self.velocity
-            vel.W.mul_(s.momentum).add_(grad_W, alpha=scale)
-            vel.a.mul_(s.momentum).add_(grad_a, alpha=scale)
-            vel.b.mul_(s.momentum).add_(grad_b, alpha=scale)
+            W_to, a_to, b_to = vel.W, vel.a, vel.b
+            a_to.mul_(m)
+            b_to.mul_(m)
+        else:
+            W_to, a_to, b_to = rbm.W, rbm.a, rbm.b
+        W_to.addmm_(v0.T, ph0, beta=m if m else 1.0 - decay, alpha=scale).addmm_(vk.T, phk, alpha=-scale)
+        if m and decay:
+            W_to.add_(rbm.W, alpha=-decay)
+        # the bias gradients from column sums of each side, half the cost of (v0 - vk).sum
+        a_to.add_(v0_sum, alpha=scale).add_(vk_sum, alpha=-scale)
+        b_to.add_(ph0.sum(dim=0), alpha=scale).add_(phk.sum(dim=0), alpha=-scale)
+        if m:
             rbm.W.add_(vel.W)
             rbm.a.add_(vel.a)
             rbm.b.add_(vel.b)
-            return recon_error
-
-        # Without momentum the update goes straight into W, no dW buffer:
-        # W += lr/N (v0' ph0 - vk' phk) - lr * weight_decay * W
-        if s.weight_decay:
-            rbm.W.mul_(1.0 - s.learning_rate * s.weight_decay)
-        rbm.W.addmm_(v0.T, ph0, alpha=scale).addmm_(vk.T, phk, alpha=-scale)
-        rbm.a.add_(grad_a, alpha=scale)
-        rbm.b.add_(grad_b, alpha=scale)
-        return recon_error
-
-    def _compiles(self, v0: torch.Tensor) -> bool:
-        """Whether this step runs in `core.cdstep`: plain CD (momentum or not), float32 on the CPU."""
-        s, rbm = self.settings, self.rbm
-        tensors = (v0, rbm.W, rbm.a, rbm.b)
-        return (
-            self.compiled
-            and not s.persistent
-            and cdstep.available()
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-        )
 
     def epoch(self, data: torch.Tensor | Binarizer, encode: Encoder | None = None) -> dict[str, float]:
         """One pass over grey-valued `data` in shuffled, freshly binarised minibatches.
 
         `encode` maps each binary minibatch to this RBM's visible states (a DBN's upper layer
         trains on samples of the layer below's hidden units). The `Binarizer` made for grey
-        `data` is kept for the next epoch over the same tensor.
+        `data` is kept for the next epoch over the same tensor. On the CPU the steps run on as
+        many threads as torch has, or on one where that is faster (`AdaptiveThreads`).
         """
         start = time.perf_counter()
         if isinstance(data, Binarizer):
@@ -202,8 +311,10 @@ class CDTrainer:
         elif self._data is None or self._data.grey is not data:
             self._data = Binarizer(data)
         errors = []  # 0-dim tensors, summed once at the end: no per-step host sync (CUDA)
-        for v0 in self._data.minibatches(self.settings.batch_size, self.generator):
-            errors.append(self.update(v0 if encode is None else encode(v0)))
+        with self.threads.running(enabled=self.rbm.W.device.type == "cpu") as threads:
+            for v0 in self._data.minibatches(self.settings.batch_size, self.generator):
+                errors.append(self.update(v0 if encode is None else encode(v0)))
+                threads.step()
         batches = len(errors)
         total = float(torch.stack(errors).sum()) if errors else 0.0
         if not torch.isfinite(self.rbm.W).all():

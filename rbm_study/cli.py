@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="mean log-likelihood (RBM) or its lower bound (DBN) of a lab file",
         description="Score a lab weight file on MNIST: one line per method, the estimate last. "
         "exact enumerates (min(V, H) <= 24), ais estimates log Z forward (leans optimistic), raise "
-        "anneals each image back to the base-rate model (a stochastic lower bound); all runs every "
+        "anneals each image back to the base-rate model (a stochastic lower bound on the annealed model, "
+        "which leans the other way); all runs every "
         "method that applies, on the same images; auto is exact when it is cheap, else ais.",
     )
     ev.add_argument("file", help="zad1_rbm.th, zad2_dbn.th or zad3_dbn_ft.th")
@@ -91,11 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--method", choices=("exact", "ais", "raise", "all", "auto"), default="auto")
     ev.add_argument("--images", type=int, metavar="N",
                     help="score the first N images of the split, with every method (default: all of them, "
-                    "but raise only its first eval.raise_images)")
+                    "but raise only the first 50, as eval.raise_images)")
     ev.add_argument("--chains", type=int, metavar="M",
-                    help="AIS chains (default 100) or RAISE chains per image (default eval.raise_chains)")
+                    help="AIS chains (default 100) or RAISE chains per image (default 1, as eval.raise_chains)")
     ev.add_argument("--betas", type=int, metavar="K",
-                    help="inverse temperatures of AIS and RAISE (default 14500, eval.raise_betas)")
+                    help="inverse temperatures of AIS (default 14500) and RAISE (default 50000, as "
+                    "eval.raise_betas)")
     ev.add_argument("--data-dir", help="MNIST root (default: $MNIST_ROOT, ./data)")
     ev.add_argument("--device", choices=("cpu", "cuda"))
     ev.add_argument("--seed", type=int, default=0)

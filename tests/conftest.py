@@ -33,4 +33,6 @@ TINY = [
     "eval.ais_betas=300",
     "eval.ais_chains=16",
     "eval.size=300",
+    "eval.raise_images=5",
+    "eval.raise_betas=200",
 ]

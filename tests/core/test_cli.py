@@ -23,7 +23,8 @@ def rbm_study(*args: str, env_root: str | None = None) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def run_dir(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    sets = [a for s in TINY for a in ("--set", s)]
+    cheap_raise = ["eval.raise_images=10", "eval.raise_chains=2", "eval.raise_betas=100"]
+    sets = [a for s in [*TINY, *cheap_raise] for a in ("--set", s)]
     done = rbm_study("run", "configs/lab.yaml", "--out", str(out), "--data-dir", mnist_dir, *sets)
     assert done.returncode == 0, done.stderr
     return out
@@ -64,6 +65,30 @@ def test_evaluate_prints_the_estimate_last(run_dir, mnist_dir, name, method):
     assert "log Z" in line and ("exact" in line if method == "exact" else True)
 
 
+@pytest.mark.parametrize(("name", "label"), [("zad1_rbm.th", "test LL"), ("zad3_dbn_ft.th", "test LL lower bound")])
+def test_evaluate_all_scores_the_same_images_with_every_method(run_dir, mnist_dir, name, label):
+    done = rbm_study("evaluate", str(run_dir / name), "--method", "all", "--images", "20", "--chains", "3",
+                     "--betas", "100", env_root=mnist_dir)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    # 16 hidden units (RBM) and a 16-12 top RBM: small enough to enumerate, so exact comes first
+    assert [line.split()[0] for line in lines] == ["exact", "ais", "raise"], lines
+    estimates = [float(line.split()[-1]) for line in lines]
+    assert all(-400 < value < 0 for value in estimates), lines
+    assert all("(20 images)" in line for line in lines[:2]) and "20 images" in lines[2], lines
+    assert all(label in line for line in lines) and "from exact on these images" in lines[2], lines
+    if name == "zad1_rbm.th":  # the same log p(v) per image: only log Z differs between exact and AIS
+        assert abs(estimates[0] - estimates[1]) < 5, lines
+
+
+def test_evaluate_raise_alone(run_dir, mnist_dir):
+    done = rbm_study("evaluate", str(run_dir / "zad2_dbn.th"), "--method", "raise", "--images", "5",
+                     "--chains", "2", "--betas", "50", env_root=mnist_dir)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip()
+    assert line.startswith("raise (2 chains x 50 betas, 5 images)") and -400 < float(line.split()[-1]) < 0, line
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -73,6 +98,8 @@ def test_evaluate_prints_the_estimate_last(run_dir, mnist_dir, name, method):
         (["run", "configs/lab.yaml", "--out", "{tmp}", "--data-dir", "{tmp}/no-mnist", "--set", "rbm.epochs=0"],
          "MNIST not found"),
         (["evaluate", "{tmp}/missing.th"], "does not exist"),
+        (["evaluate", "{tmp}/missing.th", "--images", "0"], "--images"),
+        (["evaluate", "{tmp}/missing.th", "--betas", "2"], "--betas"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):

@@ -1,4 +1,5 @@
 import pytest
+
 from rbm_study.core.config import LAB_KEYS, ConfigError, load_config, parse_override
 
 

@@ -1,6 +1,7 @@
 """Greedy DBN and up-down fine-tuning on a small problem where the bound can be enumerated."""
 
 import torch
+
 from rbm_study.core import evaluate
 from rbm_study.core.dbn import DBN, train_dbn_layer
 from rbm_study.core.finetune import UpDownDBN, fine_tune

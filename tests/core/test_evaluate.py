@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from sklearn.neural_network import BernoulliRBM
+
 from rbm_study.core.evaluate import (
     LogZEstimate,
     ais_betas,
@@ -24,7 +26,6 @@ from rbm_study.core.evaluate import (
     reconstruction_error,
 )
 from rbm_study.core.rbm import RBM
-from sklearn.neural_network import BernoulliRBM
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from rbm_study.core import kernels
 
 
@@ -21,13 +22,17 @@ def test_every_lane_is_numpys_sfc64_word_for_word():
     assert len(np.unique(ours)) == ours.size  # 64-bit words: a repeat would mean shared streams
 
 
-def test_bernoulli_compares_each_16_bit_quarter_with_p():
-    """out[i] = (s_i + 0.5) / 65536 < p[i], the s_i read from the words in order, in numpy."""
-    n = 1000  # not a multiple of 4 * LANES: the last word's leftover quarters are dropped
+@pytest.mark.parametrize(("n", "extra_rows"), [(1000, 2), (10_001, 0)])
+def test_bernoulli_compares_each_16_bit_quarter_with_p(n: int, extra_rows: int):
+    """out[i] = (s_i + 0.5) / 65536 < p[i], the s_i read from the words in order, in numpy.
+
+    n is not a multiple of 4 * LANES: the last word's leftover quarters are dropped. 10,001 samples
+    take three blocks of words in the least scratch (the last one partial); roomier scratch is fine.
+    """
     p = np.random.default_rng(0).random(n, dtype=np.float32)
     state = kernels.sfc64_lanes(7)
     reference_state = state.copy()
-    scratch = np.empty((kernels.words_needed(n) + 2, kernels.LANES), dtype=np.uint64)  # roomier is fine
+    scratch = np.empty((kernels.scratch_rows(n) + extra_rows, kernels.LANES), dtype=np.uint64)
     out = np.full(n, 7.0, dtype=np.float32)
     kernels.bernoulli(p, state, scratch, out)
 
@@ -40,15 +45,15 @@ def test_bernoulli_compares_each_16_bit_quarter_with_p():
 
 def test_bernoulli_scatter_writes_bernoullis_samples_at_the_index():
     g = np.random.default_rng(2)
-    p = g.random(3000, dtype=np.float32)
-    index = g.permutation(10_000)[:3000]
-    scratch = np.empty((kernels.words_needed(len(p)), kernels.LANES), dtype=np.uint64)
+    p = g.random(9000, dtype=np.float32)  # three blocks of words
+    index = g.permutation(20_000)[:9000]
+    scratch = np.empty((kernels.scratch_rows(len(p)), kernels.LANES), dtype=np.uint64)
     state, reference_state = kernels.sfc64_lanes(4), kernels.sfc64_lanes(4)
-    out = np.full(10_000, 7, dtype=np.uint8)  # the training copy's dtype; untouched places keep their 7
+    out = np.full(20_000, 7, dtype=np.uint8)  # the training copy's dtype; untouched places keep their 7
     kernels.bernoulli_scatter(p, index, state, scratch, out)
     samples = np.empty_like(p)
     kernels.bernoulli(p, reference_state, scratch, samples)
-    expected = np.full(10_000, 7, dtype=np.uint8)
+    expected = np.full(20_000, 7, dtype=np.uint8)
     expected[index] = samples
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(state, reference_state)
@@ -56,8 +61,8 @@ def test_bernoulli_scatter_writes_bernoullis_samples_at_the_index():
 
 def test_bernoulli_and_squared_error_is_bernoulli_plus_the_error_and_keeps_nans():
     g = np.random.default_rng(1)
-    p, v = g.random(5000, dtype=np.float32), (g.random(5000) < 0.3).astype(np.float32)
-    scratch = np.empty((kernels.words_needed(len(p)), kernels.LANES), dtype=np.uint64)
+    p, v = g.random(9000, dtype=np.float32), (g.random(9000) < 0.3).astype(np.float32)
+    scratch = np.empty((kernels.scratch_rows(len(p)), kernels.LANES), dtype=np.uint64)
     state, reference_state = kernels.sfc64_lanes(3), kernels.sfc64_lanes(3)
     out, reference = np.empty_like(p), np.empty_like(p)
     total = kernels.bernoulli_and_squared_error(p, v, state, scratch, out)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from rbm_study.core import labfiles
 from rbm_study.core.dbn import DBN
 from rbm_study.core.finetune import UpDownDBN

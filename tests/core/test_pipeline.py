@@ -2,14 +2,17 @@
 
 import pytest
 import torch
+
 from rbm_study.core import evaluate
 from rbm_study.core.config import load_config
 from rbm_study.core.data import binarize_once, load_mnist
 from rbm_study.core.pipeline import LabCheckpoint, run_lab
 from rbm_study.core.rbm import RBM, visible_bias_from_means
 from rbm_study.core.train import CDSettings, train_rbm
-
 from tests.conftest import TINY
+
+# RAISE kept cheap here (its validated defaults cost minutes: tests/core/test_raise.py)
+CHEAP_RAISE = ["eval.raise_images=10", "eval.raise_chains=2", "eval.raise_betas=100"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def test_ais_agrees_with_enumeration_on_an_mnist_rbm(mnist):
 
 
 def test_lab_run_is_reproducible_and_complete(mnist):
-    config = load_config("configs/lab.yaml", [*TINY, "device=cpu"])
+    config = load_config("configs/lab.yaml", [*TINY, *CHEAP_RAISE, "device=cpu"])
     seen = []
     one = run_lab(config, on_epoch=lambda stage, epoch, m: seen.append((stage, epoch)), data=mnist)
     two = run_lab(config, data=mnist)
@@ -59,14 +62,14 @@ def test_lab_run_is_reproducible_and_complete(mnist):
 
 
 def test_finetune_zero_epochs_skips_task_three(mnist):
-    config = load_config("configs/lab.yaml", [*TINY, "finetune.epochs=0", "device=cpu"])
+    config = load_config("configs/lab.yaml", [*TINY, *CHEAP_RAISE, "finetune.epochs=0", "device=cpu"])
     result = run_lab(config, data=mnist)
     assert result.finetuned is None and "zad3_dbn_ft.th" not in result.weight_files()
     assert result.metrics["final.val.log_likelihood"] == result.metrics["dbn.val.log_likelihood"]
 
 
 def test_resuming_from_a_stage_checkpoint_gives_the_same_run(mnist):
-    config = load_config("configs/lab.yaml", [*TINY, "device=cpu"])
+    config = load_config("configs/lab.yaml", [*TINY, *CHEAP_RAISE, "device=cpu"])
     checkpoints = []
     whole = run_lab(config, data=mnist, on_checkpoint=lambda c: checkpoints.append(c.to_bytes()))
     assert [LabCheckpoint.from_bytes(c).stage for c in checkpoints] == ["rbm", "dbn"]
@@ -85,6 +88,49 @@ def test_resuming_from_a_stage_checkpoint_gives_the_same_run(mnist):
 
 def test_exploded_weights_are_reported_as_divergence(mnist):
     """Huge learning rates leave finite but absurd weights (sigmoids saturate): AIS gives a NaN log Z."""
-    config = load_config("configs/lab.yaml", [*TINY, "device=cpu", "rbm.learning_rate=1e38", "rbm.hidden_size=30"])
+    config = load_config("configs/lab.yaml", [*TINY, *CHEAP_RAISE, "device=cpu", "rbm.learning_rate=1e38",
+                                              "rbm.hidden_size=30"])
     with pytest.raises(FloatingPointError, match="diverged"):
         run_lab(config, data=mnist)
+
+
+def test_every_log_likelihood_comes_with_its_uncertainty_and_the_estimators_seconds(mnist):
+    """The metric names the report reads (core.pipeline's docstring), with values that make sense."""
+    config = load_config("configs/lab.yaml", [*TINY, *CHEAP_RAISE, "device=cpu", "rbm.hidden_size=24",
+                                              "eval.ais_repeats=3", "eval.curve_every=1", "eval.curve_images=50",
+                                              "eval.curve_chains=4", "eval.curve_betas=50"])
+    epochs = []
+    result = run_lab(config, data=mnist, on_epoch=lambda stage, epoch, m: epochs.append((stage, epoch, m)))
+    m = result.metrics
+    for stage in ("rbm", "dbn", "finetune"):
+        for split in ("val", "test"):
+            ll = f"{stage}.{split}.log_likelihood"
+            assert m[f"{ll}_low"] <= m[ll] <= m[f"{ll}_high"]
+            assert m[f"{ll}_low"] == pytest.approx(m[ll] - (m[f"{stage}.log_z_high"] - m[f"{stage}.log_z"]))
+            assert 0 < m[f"{ll}_stderr"] < 5  # 300 images, per-image spread of ~30 nats
+        raised = f"{stage}.test.log_likelihood_raise"
+        assert -400 < m[raised] < 0 and m[f"{raised}_stderr"] > 0
+        assert abs(m[f"{raised}_gap"]) < 20 and m[f"{raised}_gap_stderr"] >= 0
+        for timing in ("ais_seconds", "raise_seconds", "curve_seconds"):
+            assert m[f"{stage}.{timing}"] > 0
+    assert m["rbm.log_z_exact"] == 0.0 and m["rbm.log_z_sd"] > 0  # 24 hidden units: AIS, three runs
+    assert m["dbn.log_z_exact"] == 1.0 and m["dbn.log_z_sd"] == 0.0
+    expected = {"eval.ais_repeats": 3, "eval.raise_images": 10, "eval.raise_chains": 2, "eval.raise_betas": 100,
+                "eval.curve_every": 1}
+    assert {k: m[k] for k in expected} == expected
+    curve = [(stage, epoch, values["val_log_likelihood"]) for stage, epoch, values in epochs]
+    assert [(stage, epoch) for stage, epoch, _ in curve] == [("rbm", 1), ("rbm", 2), ("dbn", 1), ("finetune", 1)]
+    assert all(-400 < value < 0 for *_, value in curve)
+    assert all(values["curve_seconds"] > 0 for *_, values in epochs)
+
+
+def test_evaluation_settings_leave_the_trained_models_alone(mnist):
+    """AIS, RAISE and the curves draw from generators of their own."""
+    plain = run_lab(load_config("configs/lab.yaml", [*TINY, *CHEAP_RAISE, "device=cpu", "eval.raise_images=0"]),
+                    data=mnist)
+    measured = run_lab(load_config("configs/lab.yaml", [*TINY, *CHEAP_RAISE, "device=cpu", "eval.curve_every=1",
+                                                        "eval.ais_repeats=2", "eval.curve_images=20",
+                                                        "eval.curve_betas=20", "eval.ais_chains=5"]), data=mnist)
+    assert torch.equal(plain.finetuned.R, measured.finetuned.R) and torch.equal(plain.dbn.top.W, measured.dbn.top.W)
+    assert "rbm.test.log_likelihood_raise" not in plain.metrics and "rbm.raise_seconds" not in plain.metrics
+    assert plain.metrics["rbm.curve_seconds"] == 0.0

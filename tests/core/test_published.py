@@ -18,6 +18,7 @@ The same recipe scored about -170 after 10 epochs and -131 after 50: the band ne
 
 import pytest
 import torch
+
 from rbm_study.core import evaluate
 from rbm_study.core.data import TEST_BINARIZE_SEED, binarize_once, load_mnist
 from rbm_study.core.rbm import RBM, visible_bias_from_means

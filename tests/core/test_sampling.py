@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from rbm_study.core.data import Binarizer, minibatches
 from rbm_study.core.rbm import RBM, FastBernoulli, bernoulli
 from rbm_study.core.train import CDSettings, CDTrainer, train_rbm
@@ -83,6 +84,18 @@ def test_same_seed_same_samples_other_seed_other_samples():
         one, two, other = stream(7, numpy_bits), stream(7, numpy_bits), stream(8, numpy_bits)
         assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
         assert not torch.equal(one[0], other[0])
+
+
+def test_compiled_off_makes_samplers_of_the_torch_path(monkeypatch):
+    """What the benchmark times the compiled loop against: the words from the generator, torch's comparison."""
+    p = torch.rand(3000, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(FastBernoulli, "compiled", False)
+    sampler, again = fast_sampler(5), fast_sampler(5)
+    assert sampler._lanes is None
+    samples = sampler(p)
+    assert torch.equal(samples, again(p)) and set(samples.unique().tolist()) <= {0.0, 1.0}
+    monkeypatch.setattr(FastBernoulli, "compiled", True)
+    assert fast_sampler(5)._lanes is not None
 
 
 @pytest.mark.parametrize("numpy_bits", [True, False])
@@ -224,8 +237,8 @@ def test_cd_step_with_deterministic_sampling_matches_the_formulas(k: int, persis
     a = rbm.a + lr * (v0 - vk).mean(0)
     b = rbm.b + lr * (ph0 - phk).mean(0)
 
-    # the torch path: its sampler can be swapped for a deterministic one (the compiled path: test_cdstep.py)
-    trainer = CDTrainer(rbm.clone(), CDSettings(cd_k=k, persistent=persistent, learning_rate=lr), g, compiled=False)
+    # the trainer's sampler swapped for a deterministic one
+    trainer = CDTrainer(rbm.clone(), CDSettings(cd_k=k, persistent=persistent, learning_rate=lr), g)
     trainer._sample = Threshold(g)
     trainer.chain = chain.clone() if persistent else None
     error = trainer.step(v0)

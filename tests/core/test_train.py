@@ -4,9 +4,10 @@ import itertools
 
 import pytest
 import torch
+
 from rbm_study.core import evaluate
 from rbm_study.core.rbm import RBM
-from rbm_study.core.train import CDSettings, CDTrainer, train_rbm
+from rbm_study.core.train import AdaptiveThreads, CDSettings, CDTrainer, train_rbm
 
 
 def all_states(n: int, dtype=torch.float32) -> torch.Tensor:
@@ -33,10 +34,10 @@ def exact_gradient(rbm: RBM, data: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return dW, da, db
 
 
-def cd_update(rbm: RBM, data: torch.Tensor, settings: CDSettings, seed: int = 1, compiled: bool = True):
+def cd_update(rbm: RBM, data: torch.Tensor, settings: CDSettings, seed: int = 1):
     """The change one CD step makes with learning rate 1: the algorithm's gradient estimate."""
     model = rbm.clone()
-    trainer = CDTrainer(model, settings, torch.Generator().manual_seed(seed), compiled=compiled)
+    trainer = CDTrainer(model, settings, torch.Generator().manual_seed(seed))
     trainer.step(data)
     return model.W - rbm.W, model.a - rbm.a, model.b - rbm.b
 
@@ -93,13 +94,11 @@ def test_training_raises_exact_log_likelihood(persistent: bool):
     assert after < 0
 
 
-@pytest.mark.parametrize("compiled", [True, False])
-def test_momentum_and_weight_decay_follow_the_velocity_rule(compiled: bool):
+def test_momentum_and_weight_decay_follow_the_velocity_rule():
     rbm, data = tiny_rbm(seed=7), patterns(40)
     settings = CDSettings(cd_k=1, learning_rate=0.5, momentum=0.9, weight_decay=0.01)
-    # the plain step takes the same path, to draw the same random numbers
-    plain = cd_update(rbm, data, CDSettings(cd_k=1, learning_rate=0.5), seed=3, compiled=compiled)
-    with_extras = cd_update(rbm, data, settings, seed=3, compiled=compiled)
+    plain = cd_update(rbm, data, CDSettings(cd_k=1, learning_rate=0.5), seed=3)
+    with_extras = cd_update(rbm, data, settings, seed=3)
     # first step: velocity = lr * (grad - wd * W), same random numbers, so the difference is -lr*wd*W
     assert torch.allclose(with_extras[0] - plain[0], -0.5 * 0.01 * rbm.W, atol=1e-6)
     assert torch.allclose(with_extras[1], plain[1]) and torch.allclose(with_extras[2], plain[2])
@@ -131,3 +130,115 @@ def test_divergence_is_reported():
     rbm.W.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="learning rate"):
         train_rbm(rbm, data, CDSettings(epochs=1, batch_size=50), torch.Generator().manual_seed(0))
+
+
+class Threshold:
+    """A deterministic stand-in for the sampler (1 where p > 0.5), so the arithmetic can be checked."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        x = (p > 0.5).to(p.dtype)
+        return x if out is None else out.copy_(x)
+
+    def with_squared_error(self, p: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(p), ((p - v) ** 2).sum()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_every_step_follows_the_velocity_rule(momentum: float):
+    """velocity <- m velocity + lr (g - wd W); theta += velocity, step after step, from a copy of each."""
+    g = torch.Generator().manual_seed(0)
+    rbm = RBM(torch.randn(12, 5, generator=g), torch.randn(12, generator=g), torch.randn(5, generator=g))
+    lr, wd = 0.3, 0.01
+    trainer = CDTrainer(rbm, CDSettings(cd_k=1, learning_rate=lr, momentum=momentum, weight_decay=wd), g)
+    trainer._sample = Threshold(g)
+    velocity = [torch.zeros(12, 5), torch.zeros(12), torch.zeros(5)]
+    for _ in range(4):
+        v0 = (torch.rand(8, 12, generator=g) < 0.5).float()
+        before = rbm.clone()
+        ph0 = before.p_h(v0)
+        vk = (before.p_v((ph0 > 0.5).float()) > 0.5).float()
+        phk = before.p_h(vk)
+        n = len(v0)
+        gradients = ((v0.T @ ph0 - vk.T @ phk) / n - wd * before.W, (v0 - vk).mean(0), (ph0 - phk).mean(0))
+        velocity = [momentum * u + lr * grad for u, grad in zip(velocity, gradients, strict=True)]
+        trainer.step(v0)
+        for name, got, old, u in zip("Wab", (rbm.W, rbm.a, rbm.b), (before.W, before.a, before.b), velocity,
+                                     strict=True):
+            assert torch.allclose(got, old + u, atol=1e-5), name
+
+
+@pytest.mark.parametrize(("V", "H"), [(784, 100), (100, 100), (784, 200), (784, 50)])
+def test_the_thread_count_does_not_change_the_weights(V: int, H: int):
+    """The trainer may switch between one thread and two at any chunk: same seed, same weights regardless."""
+    data = torch.rand(350, V, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+
+    def train(count: int, switch_every_step: bool = False) -> RBM:
+        torch.set_num_threads(count)
+        g = torch.Generator().manual_seed(3)
+        trainer = CDTrainer(RBM.init(V, H, g), CDSettings(cd_k=2, momentum=0.5, batch_size=100), g)
+        if switch_every_step:
+            trainer.threads = AdaptiveThreads(chunk_seconds=0.0)  # every step a chunk: it alternates
+        trainer.epoch(data)
+        trainer.epoch(data)
+        return trainer.rbm
+
+    try:
+        one, two, switching = train(1), train(2), train(2, switch_every_step=True)
+    finally:
+        torch.set_num_threads(threads)
+    for model in (two, switching):
+        assert torch.equal(model.W, one.W) and torch.equal(model.a, one.a) and torch.equal(model.b, one.b)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_adaptive_threads_runs_on_the_faster_count_and_follows_the_machine():
+    """Quiet: two threads are faster; one core taken: one thread is; freed again: back to two."""
+    clock = Clock()
+    chooser = AdaptiveThreads(chunk_seconds=3.0, max_interval=16, clock=clock)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    phases = {"quiet": {1: 1.0, 2: 0.6}, "busy": {1: 1.1, 2: 6.0}, "quiet again": {1: 1.0, 2: 0.6}}
+    seconds_on = {name: {1: 0.0, 2: 0.0} for name in phases}
+    try:
+        with chooser.running() as running:
+            for name, cost in phases.items():
+                for _ in range(1500):
+                    count = torch.get_num_threads()
+                    clock.now += cost[count]
+                    seconds_on[name][count] += cost[count]
+                    running.step()
+        assert torch.get_num_threads() == 2  # restored after the block
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("quiet", "quiet again"):  # trials of the other count cost a chunk each, ever rarer
+        assert seconds_on[name][2] > 0.85 * sum(seconds_on[name].values()), (name, seconds_on[name])
+    busy = seconds_on["busy"]
+    assert busy[1] > 0.85 * sum(busy.values()), busy
+
+
+def test_adaptive_threads_leaves_one_thread_and_disabled_runs_alone():
+    threads = torch.get_num_threads()
+    try:
+        for count, enabled in ((1, True), (2, False)):
+            torch.set_num_threads(count)
+            clock = Clock()
+            chooser = AdaptiveThreads(chunk_seconds=0.0, clock=clock)
+            with chooser.running(enabled=enabled) as running:
+                for _ in range(10):
+                    clock.now += 1.0
+                    running.step()
+                    assert torch.get_num_threads() == count
+            assert chooser.per_step == {}
+    finally:
+        torch.set_num_threads(threads)

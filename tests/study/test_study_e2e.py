@@ -77,7 +77,8 @@ def test_the_lab_config_runs_as_a_study_of_one_trial(tmp_path):
     """configs/lab.yaml (no search section) is a study of one trial: the lab's own settings."""
     db = tmp_path / "lab.db"
     small = ["rbm.epochs=1", "dbn.epochs=1", "finetune.epochs=1", "data.subset=2000", "data.val_size=500",
-             "eval.ais_betas=200", "eval.ais_chains=16", "eval.size=200", "resources.num_cpus=2"]
+             "eval.ais_betas=200", "eval.ais_chains=16", "eval.size=200", "eval.raise_images=5",
+             "eval.raise_betas=200", "resources.num_cpus=2"]
     run = cli("launch", "configs/lab.yaml", "--db", str(db), *[a for s in small for a in ("--set", s)])
     assert run.returncode == 0, run.stdout + run.stderr
     assert trial_states(db) == {"completed": 1}
