@@ -23,6 +23,7 @@ chosen as training goes (`AdaptiveThreads`).
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,13 +61,16 @@ class AdaptiveThreads:
     while a trial runs, so it is measured instead of guessed:
 
     - the loop runs in chunks of at least `chunk_seconds` of wall time; each chunk is timed, and
-      its seconds per step become the estimate for the thread count it ran on;
-    - the next chunk runs on the count with the lower estimate, so a slowdown of the count in use
-      moves training to the other count after one chunk;
-    - the count not in use is tried again for one chunk after 1, 2, 4, ... chunks (at most
-      `max_interval`), the interval doubling each time the trial loses and starting again at 1
-      when it wins: a trial that runs into a stolen core costs at most one chunk's time, and a
-      freed core is found again within `max_interval` chunks.
+      the estimate of a thread count is its fastest seconds per step over its last `window`
+      chunks: a machine's hiccups only ever slow a chunk down, so one slow chunk is not taken for
+      a change, while a core taken for good slows every chunk after it;
+    - the next chunk runs on the count with the lower estimate, so a lasting slowdown of the count
+      in use moves training to the other count after `window` chunks;
+    - the count not in use is tried again, for half a chunk, after 1, 2, 4, ... chunks (at most
+      `max_interval`), and kept if that half chunk beat the estimate of the count in use; the
+      interval doubles each time a trial loses and starts again at 1 when one wins: a trial that
+      runs into a stolen core costs about half a chunk's time, and a freed core is found again
+      within `max_interval` chunks.
 
     Why not let the threads wait passively instead (OMP_WAIT_POLICY=passive, which libgomp reads
     once, when torch loads): that ends the stalls, but then every region has to wake a sleeping
@@ -79,14 +83,20 @@ class AdaptiveThreads:
     """
 
     def __init__(
-        self, chunk_seconds: float = 0.02, max_interval: int = 16, clock: Callable[[], float] = time.perf_counter
+        self,
+        chunk_seconds: float = 0.02,
+        max_interval: int = 32,
+        window: int = 3,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.chunk_seconds = chunk_seconds
         self.max_interval = max_interval
+        self.window = window
         self.clock = clock
         self.most = 1  # torch's thread count when `running` began: the larger of the two choices
         self.threads = 1  # the count of the chunk now running
-        self.per_step: dict[int, float] = {}  # thread count -> seconds per step of its latest chunk
+        self.per_step: dict[int, float] = {}  # thread count -> its estimate, seconds per step
+        self._recent: dict[int, deque[float]] = {}  # thread count -> seconds per step of its last chunks
         self.steps_on: dict[int, int] = {}  # thread count -> steps run on it, all told
         self._active = False  # inside `running`, with more than one thread to choose from
         self._trial = False  # whether the chunk now running tries the count not in use
@@ -103,7 +113,7 @@ class AdaptiveThreads:
         """
         most = torch.get_num_threads()
         if most != self.most:  # a new thread budget: earlier measurements do not apply
-            self.most, self.threads, self.per_step = most, most, {}
+            self.most, self.threads, self.per_step, self._recent = most, most, {}, {}
             self._trial, self._interval, self._until_trial = False, 1, 1
         self._active = enabled and most > 1
         if self._active:
@@ -128,25 +138,27 @@ class AdaptiveThreads:
             self._chunk_start = now
             return
         self._steps += 1
-        if now - self._chunk_start < self.chunk_seconds:
+        if now - self._chunk_start < (self.chunk_seconds / 2 if self._trial else self.chunk_seconds):
             return
-        self.per_step[self.threads] = (now - self._chunk_start) / self._steps
+        recent = self._recent.setdefault(self.threads, deque(maxlen=self.window))
+        recent.append((now - self._chunk_start) / self._steps)
+        self.per_step[self.threads] = min(recent)
         self._choose()
         self._steps, self._chunk_start = 0, self.clock()  # after the switch: not timed
 
     def _choose(self) -> None:
         current = self.threads
         other = 1 if current == self.most else self.most
-        if self._trial:  # the trial chunk of `other` has just run on `current`: keep the faster
+        if self._trial:  # a trial has just run on `current`: its own time against the estimate of `other`
             self._trial = False
-            if self.per_step[current] <= self.per_step[other]:
+            if self._recent[current][-1] <= self.per_step[other]:
                 self._interval = 1
             else:
                 self._interval = min(2 * self._interval, self.max_interval)
                 current = other
             self._until_trial = self._interval
         elif other in self.per_step and self.per_step[current] > self.per_step[other]:
-            current = other  # the count in use got slower than the other's last measurement
+            current = other  # the count in use got slower than the other's estimate
             self._until_trial = self._interval = 1
         else:
             self._until_trial -= 1
