@@ -53,7 +53,8 @@ class _Version(argparse.Action):
     """`--version`, looked up only when asked for (reading the package metadata costs ~0.1 s)."""
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
-        parser.exit(message=version_text() + "\n")
+        print(version_text())
+        parser.exit()
 
 
 def _db_arg(parser: argparse.ArgumentParser, help_text: str = "the study's database") -> None:
