@@ -67,10 +67,11 @@ class AdaptiveThreads:
     - the next chunk runs on the count with the lower estimate, so a lasting slowdown of the count
       in use moves training to the other count after `window` chunks;
     - the count not in use is tried again, for half a chunk, after 1, 2, 4, ... chunks (at most
-      `max_interval`), and kept if that half chunk beat the estimate of the count in use; the
-      interval doubles each time a trial loses and starts again at 1 when one wins: a trial that
-      runs into a stolen core costs about half a chunk's time, and a freed core is found again
-      within `max_interval` chunks.
+      `max_interval`), and kept if its estimate, with that half chunk in it, is now the lower;
+      the interval doubles each time a trial loses and starts again at 1 when one wins: a trial
+      that runs into a stolen core costs about half a chunk's time, and a freed core is found
+      again within `max_interval` chunks. Both estimates are minima over as many chunks, so
+      neither count is favoured by the noise of its measurements.
 
     Why not let the threads wait passively instead (OMP_WAIT_POLICY=passive, which libgomp reads
     once, when torch loads): that ends the stalls, but then every region has to wake a sleeping
@@ -149,9 +150,9 @@ class AdaptiveThreads:
     def _choose(self) -> None:
         current = self.threads
         other = 1 if current == self.most else self.most
-        if self._trial:  # a trial has just run on `current`: its own time against the estimate of `other`
+        if self._trial:  # a trial has just run on `current`: keep the count with the lower estimate
             self._trial = False
-            if self._recent[current][-1] <= self.per_step[other]:
+            if self.per_step[current] <= self.per_step[other]:
                 self._interval = 1
             else:
                 self._interval = min(2 * self._interval, self.max_interval)
