@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -27,14 +26,7 @@ from rbm_study.core.evaluate import (
 )
 from rbm_study.core.rbm import RBM
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """The models here are tiny: one intra-op thread avoids hand-off stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
 
 
 def random_rbm(n_visible: int, n_hidden: int, seed: int, std: float = 0.5, dtype: torch.dtype = torch.float64) -> RBM:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,14 +21,7 @@ from rbm_study.core.data import TEST_BINARIZE_SEED, binarize_once, load_mnist
 from rbm_study.core.rbm import RBM, visible_bias_from_means
 from rbm_study.core.train import CDSettings, train_rbm
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small matrices: one intra-op thread avoids hand-off stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
 
 
 # --- tiny models: what RAISE's weights average to, exactly -----------------------------------------

@@ -6,6 +6,7 @@ import torch
 from rbm_study.core.data import Binarizer, minibatches
 from rbm_study.core.rbm import RBM, FastBernoulli, bernoulli
 from rbm_study.core.train import CDSettings, CDTrainer, train_rbm
+from tests.core.conftest import Threshold
 
 PROBABILITIES = [0.0, 0.001, 0.3, 0.5, 0.999, 1.0]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -200,20 +201,6 @@ def test_trainer_keeps_the_binarizer_of_the_same_data_and_makes_a_new_one_for_ot
     assert trainer._data is first
     trainer.epoch(other)
     assert trainer._data is not first and trainer._data.grey is other
-
-
-class Threshold:
-    """A deterministic stand-in for the sampler: 1 where p > 0.5, so CD's arithmetic can be checked."""
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    def __call__(self, p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        x = (p > 0.5).to(p.dtype)
-        return x if out is None else out.copy_(x)
-
-    def with_squared_error(self, p: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self(p), ((p - v) ** 2).sum()
 
 
 @pytest.mark.parametrize(("k", "persistent"), [(1, False), (3, False), (2, True)])

@@ -8,6 +8,7 @@ import torch
 from rbm_study.core import evaluate
 from rbm_study.core.rbm import RBM
 from rbm_study.core.train import AdaptiveThreads, CDSettings, CDTrainer, train_rbm
+from tests.core.conftest import Threshold
 
 
 def all_states(n: int, dtype=torch.float32) -> torch.Tensor:
@@ -130,20 +131,6 @@ def test_divergence_is_reported():
     rbm.W.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="learning rate"):
         train_rbm(rbm, data, CDSettings(epochs=1, batch_size=50), torch.Generator().manual_seed(0))
-
-
-class Threshold:
-    """A deterministic stand-in for the sampler (1 where p > 0.5), so the arithmetic can be checked."""
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    def __call__(self, p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        x = (p > 0.5).to(p.dtype)
-        return x if out is None else out.copy_(x)
-
-    def with_squared_error(self, p: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self(p), ((p - v) ** 2).sum()
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
