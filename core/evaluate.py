@@ -128,6 +128,7 @@ from rbm_study.core import kernels
 from rbm_study.core.config import RAISE_BETAS, RAISE_CHAINS
 from rbm_study.core.finetune import UpDownDBN
 from rbm_study.core.rbm import RBM, bernoulli
+from rbm_study.core.threads import AdaptiveThreads
 
 MAX_EXACT_UNITS = 24
 """Largest layer `exact_log_z` will enumerate (2^24 states)."""
@@ -309,16 +310,18 @@ def ais_log_weights(
     v = sample(torch.sigmoid(a_A).expand(chains, -1))
     log_w = torch.zeros(chains, dtype=torch.float64, device=rbm.device)
     x = torch.empty(chains, rbm.n_hidden, dtype=W.dtype, device=rbm.device)
-    for k in range(1, len(beta)):
-        # log p*_k(v) - log p*_{k-1}(v) at the chains' current states
-        torch.addmm(b, v, W, out=x)
-        x64 = x.double()
-        log_w += (beta[k] - beta[k - 1]) * (v @ a_diff).double()
-        log_w += (F.softplus(beta[k] * x64) - F.softplus(beta[k - 1] * x64)).sum(dim=1)
-        if k < len(beta) - 1:  # one Gibbs step that leaves p_k invariant
-            h = sample(torch.sigmoid(beta[k] * x))
-            visible_bias = torch.lerp(a_A, a_B, beta[k])
-            v = sample(torch.sigmoid(torch.addmm(visible_bias, h, W.T, alpha=beta[k])))
+    with AdaptiveThreads().running(enabled=rbm.device.type == "cpu") as threads:
+        for k in range(1, len(beta)):
+            # log p*_k(v) - log p*_{k-1}(v) at the chains' current states
+            torch.addmm(b, v, W, out=x)
+            x64 = x.double()
+            log_w += (beta[k] - beta[k - 1]) * (v @ a_diff).double()
+            log_w += (F.softplus(beta[k] * x64) - F.softplus(beta[k - 1] * x64)).sum(dim=1)
+            if k < len(beta) - 1:  # one Gibbs step that leaves p_k invariant
+                h = sample(torch.sigmoid(beta[k] * x))
+                visible_bias = torch.lerp(a_A, a_B, beta[k])
+                v = sample(torch.sigmoid(torch.addmm(visible_bias, h, W.T, alpha=beta[k])))
+            threads.step()
     return log_w
 
 
@@ -519,16 +522,18 @@ def raise_log_weights(
     v = _like(v, rbm)
     log_w = unnormalised_log_p(rbm, v) - base_log_z(rbm, base_visible_bias)  # log p*_K(v) - log Z_A
     x = torch.addmm(b, v, W)
-    for k in range(len(beta) - 1, 0, -1):
-        # the move T_k: a Gibbs step that leaves p_k invariant (and is its own reversal)
-        h = sample(torch.sigmoid(beta[k] * x))
-        visible_bias = torch.lerp(a_A, a_B, beta[k])
-        v = sample(torch.sigmoid(torch.addmm(visible_bias, h, W.T, alpha=beta[k])))
-        # log p*_{k-1}(v_{k-1}) - log p*_k(v_{k-1}) at the new states
-        torch.addmm(b, v, W, out=x)
-        x64 = x.double()
-        log_w -= (beta[k] - beta[k - 1]) * (v @ a_diff).double()
-        log_w -= (F.softplus(beta[k] * x64) - F.softplus(beta[k - 1] * x64)).sum(dim=1)
+    with AdaptiveThreads().running(enabled=rbm.device.type == "cpu") as threads:
+        for k in range(len(beta) - 1, 0, -1):
+            # the move T_k: a Gibbs step that leaves p_k invariant (and is its own reversal)
+            h = sample(torch.sigmoid(beta[k] * x))
+            visible_bias = torch.lerp(a_A, a_B, beta[k])
+            v = sample(torch.sigmoid(torch.addmm(visible_bias, h, W.T, alpha=beta[k])))
+            # log p*_{k-1}(v_{k-1}) - log p*_k(v_{k-1}) at the new states
+            torch.addmm(b, v, W, out=x)
+            x64 = x.double()
+            log_w -= (beta[k] - beta[k - 1]) * (v @ a_diff).double()
+            log_w -= (F.softplus(beta[k] * x64) - F.softplus(beta[k - 1] * x64)).sum(dim=1)
+            threads.step()
     return log_w
 
 

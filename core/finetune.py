@@ -25,6 +25,7 @@ import torch
 from rbm_study.core.data import Binarizer, minibatches
 from rbm_study.core.dbn import DBN
 from rbm_study.core.rbm import RBM, FastBernoulli, bernoulli
+from rbm_study.core.threads import AdaptiveThreads
 from rbm_study.core.train import CDSettings, CDTrainer, EpochCallback
 
 
@@ -74,42 +75,29 @@ class UpDownDBN:
 
 
 def up_down_epoch(
-    model: UpDownDBN, data: torch.Tensor | Binarizer, settings: CDSettings, generator: torch.Generator
+    model: UpDownDBN,
+    data: torch.Tensor | Binarizer,
+    settings: CDSettings,
+    generator: torch.Generator,
+    threads: AdaptiveThreads | None = None,
 ) -> dict[str, float]:
     """One epoch of up-down over grey-valued `data` (or its `Binarizer`); updates `model` in place.
 
     Wake and sleep states are drawn with the training sampler (`FastBernoulli`), like the CD chain.
+    On the CPU the steps run on torch's thread count or on one thread, whichever `threads` finds
+    faster now (`AdaptiveThreads`: a busy neighbour core stalls every multi-threaded step).
     """
     start = time.perf_counter()
     sample = FastBernoulli(generator)
     lr = settings.learning_rate
     top_trainer = CDTrainer(model.top, CDSettings(cd_k=settings.cd_k, learning_rate=lr), generator)
-    wake_errors, sleep_errors = [], []  # 0-dim tensors, summed once: no host sync per step (CUDA)
-    for v in minibatches(data, settings.batch_size, generator):
-        n = v.shape[0]
-        # wake: recognise, then see how well the generative weights predict the data
-        h1 = sample(model.p_h1(v))
-        wake_diff = v - model.p_v(h1)
-        grad_G = h1.T @ wake_diff
-        grad_a = wake_diff.sum(dim=0)
-
-        # top: CD-k from the wake state; the top RBM's own update touches nothing used below
-        top_trainer.update(h1)
-        h1_neg = top_trainer.last_negative
-
-        # sleep: dream from the generative model, see how well recognition inverts the dream
-        v_s = sample(model.p_v(h1_neg))
-        sleep_diff = h1_neg - model.p_h1(v_s)
-        grad_R = v_s.T @ sleep_diff
-        grad_b_rec = sleep_diff.sum(dim=0)
-
-        model.G.add_(grad_G, alpha=lr / n)
-        model.a.add_(grad_a, alpha=lr / n)
-        model.R.add_(grad_R, alpha=lr / n)
-        model.b_rec.add_(grad_b_rec, alpha=lr / n)
-
-        wake_errors.append(wake_diff.square().sum() / n)
-        sleep_errors.append(sleep_diff.square().sum() / n)
+    wake_errors: list[torch.Tensor] = []
+    sleep_errors: list[torch.Tensor] = []
+    threads = AdaptiveThreads() if threads is None else threads
+    with threads.running(enabled=model.G.device.type == "cpu") as chosen:
+        for v in minibatches(data, settings.batch_size, generator):
+            _up_down_step(model, v, top_trainer, sample, lr, wake_errors, sleep_errors)
+            chosen.step()
     batches = max(len(wake_errors), 1)
     if not all(torch.isfinite(t).all() for t in (model.R, model.G, model.top.W)):
         raise FloatingPointError("fine-tuning diverged: weights hold NaN or inf (lower finetune.learning_rate)")
@@ -118,6 +106,42 @@ def up_down_epoch(
         "sleep_recognition_error": float(torch.stack(sleep_errors).sum()) / batches,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _up_down_step(
+    model: UpDownDBN,
+    v: torch.Tensor,
+    top_trainer: CDTrainer,
+    sample: FastBernoulli,
+    lr: float,
+    wake_errors: list[torch.Tensor],
+    sleep_errors: list[torch.Tensor],
+) -> None:
+    """One minibatch v of up-down: wake, top-level CD-k, sleep, then the four updates."""
+    n = v.shape[0]
+    # wake: recognise, then see how well the generative weights predict the data
+    h1 = sample(model.p_h1(v))
+    wake_diff = v - model.p_v(h1)
+    grad_G = h1.T @ wake_diff
+    grad_a = wake_diff.sum(dim=0)
+
+    # top: CD-k from the wake state; the top RBM's own update touches nothing used below
+    top_trainer.update(h1)
+    h1_neg = top_trainer.last_negative
+
+    # sleep: dream from the generative model, see how well recognition inverts the dream
+    v_s = sample(model.p_v(h1_neg))
+    sleep_diff = h1_neg - model.p_h1(v_s)
+    grad_R = v_s.T @ sleep_diff
+    grad_b_rec = sleep_diff.sum(dim=0)
+
+    model.G.add_(grad_G, alpha=lr / n)
+    model.a.add_(grad_a, alpha=lr / n)
+    model.R.add_(grad_R, alpha=lr / n)
+    model.b_rec.add_(grad_b_rec, alpha=lr / n)
+
+    wake_errors.append(wake_diff.square().sum() / n)  # 0-dim tensors: no host sync per step (CUDA)
+    sleep_errors.append(sleep_diff.square().sum() / n)
 
 
 def fine_tune(
@@ -134,8 +158,9 @@ def fine_tune(
     """
     model = UpDownDBN.from_dbn(dbn)
     images = Binarizer.of(data)  # made once: each epoch redraws only its uncertain pixels
+    threads = AdaptiveThreads()  # one across epochs: what it measured stays valid
     for epoch in range(1, settings.epochs + 1):
-        metrics = up_down_epoch(model, images, settings, generator)
+        metrics = up_down_epoch(model, images, settings, generator, threads)
         if epoch_metrics is not None:
             metrics.update(epoch_metrics(model))
         if on_epoch is not None:

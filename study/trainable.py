@@ -64,7 +64,7 @@ def run_trial(config: dict[str, Any], study_config: dict | None = None, searched
     study = StudyConfig(study_config or {}, [])
     cpus = study.config.get("resources", {}).get("cpus_per_trial", 1)
     # the most threads the trial uses: training epochs drop to one thread whenever that is faster,
-    # e.g. while another process holds one of the cores (core.train.AdaptiveThreads)
+    # e.g. while another process holds one of the cores (core.threads.AdaptiveThreads)
     torch.set_num_threads(max(1, int(cpus)))
     node = node_name()
     params = trial_params(config, searched or [])
