@@ -24,9 +24,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from rbm_study.core.dbn import DBN
-from rbm_study.core.finetune import UpDownDBN
-from rbm_study.core.rbm import RBM, bernoulli
+from rbm_study.core import sampling
+from rbm_study.core.models import DBN, RBM, UpDownDBN
 
 GIBBS_STEPS = 1000  # Gibbs rounds before a sample is shown (the handout used 50 for the RBM, 1000 for the DBN)
 SAMPLE_SEED = 2024  # the random hidden states every sample figure starts from
@@ -187,7 +186,7 @@ def start_states(n_hidden: int, seed: int = SAMPLE_SEED) -> torch.Tensor:
     single = torch.zeros(N_CHAINS, n_hidden)
     for i in range(N_CHAINS):
         single[i, (i * n_hidden) // N_CHAINS] = 1.0
-    random = bernoulli(torch.full((N_CHAINS, n_hidden), START_ACTIVE), generator)
+    random = sampling.bernoulli(torch.full((N_CHAINS, n_hidden), START_ACTIVE), generator)
     return torch.cat([single, random])
 
 
@@ -197,7 +196,7 @@ def sample(model: RBM | DBN | UpDownDBN, steps: int = GIBBS_STEPS, seed: int = S
     start = start_states(top.n_hidden, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        pv, final = model.generate(start, steps, generator)
+        pv, final = sampling.generate(model, start, steps, generator)
     return {"start": _numpy(start), "final": _numpy(final), "pv": _numpy(pv)}
 
 
@@ -205,10 +204,7 @@ def reconstruct(model: RBM | DBN | UpDownDBN, v: torch.Tensor, seed: int = RECON
     """p(v=1|...) for binary v, and the hidden state it came through (RBM: h; DBNs: the top state)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        if isinstance(model, RBM):
-            h = bernoulli(model.p_h(v), generator)
-            return {"pv": _numpy(model.p_v(h)), "hidden": _numpy(h)}
-        pv, h_top = model.reconstruct(v, 1, generator)
+        pv, h_top = sampling.reconstruct(model, v, 1, generator)
     return {"pv": _numpy(pv), "hidden": _numpy(h_top)}
 
 

@@ -13,12 +13,11 @@ from pathlib import Path
 import torch
 
 from rbm_study.core import evaluate, labfiles
-from rbm_study.core.config import LAB_KEYS, RAISE_BETAS, RAISE_CHAINS, RAISE_IMAGES, Schema, load_config, set_dotted
+from rbm_study.core.config import LAB_KEYS, Schema, load_config, set_dotted
 from rbm_study.core.data import EVAL_BINARIZE_SEED, TEST_BINARIZE_SEED, binarize_once, load_mnist
-from rbm_study.core.dbn import DBN, mean_activity
 from rbm_study.core.errors import UserError
-from rbm_study.core.finetune import UpDownDBN
-from rbm_study.core.rbm import RBM, visible_bias_from_means
+from rbm_study.core.evaluate import RAISE_BETAS, RAISE_CHAINS, RAISE_IMAGES
+from rbm_study.core.models import DBN, RBM, UpDownDBN, mean_activity, visible_bias_from_means
 
 
 def run_command(args: argparse.Namespace, schema: Schema = LAB_KEYS) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from rbm_study.core.errors import UserError
+from rbm_study.core.evaluate import RAISE_BETAS, RAISE_CHAINS, RAISE_IMAGES
 
 
 class ConfigError(UserError, ValueError):
@@ -132,14 +133,6 @@ class Schema:
         return {k for k, v in self.keys.items() if v.check is mapping}
 
 
-# RAISE's defaults (core.evaluate), validated against exact log-likelihoods of 784-20 RBMs trained on
-# MNIST with CD-1, CD-10, CD-25 and PCD-1 (tests/core/test_raise.py): one reverse chain per image
-# and 50,000 inverse temperatures put RAISE within a nat of exact on all of them, where 14,500 (AIS's
-# schedule) left it up to 1.7 nats above exact on a CD-1 model trained for 30 epochs, and more
-# chains per image move it up, not down (toward the annealed model, which lies above the RBM).
-RAISE_IMAGES = 50
-RAISE_CHAINS = 1
-RAISE_BETAS = 50_000
 
 LAB_KEYS = Schema(
     {

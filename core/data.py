@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rbm_study.core.errors import UserError
-from rbm_study.core.rbm import FastBernoulli, bernoulli
+from rbm_study.core.sampling import FastBernoulli, bernoulli
 
 ENV_VAR = "MNIST_ROOT"
 DEFAULT_ROOT = Path("data")

@@ -18,60 +18,14 @@ All three parts use the parameters as they were at the start of the minibatch.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
 from rbm_study.core.data import Binarizer, minibatches
-from rbm_study.core.dbn import DBN
-from rbm_study.core.rbm import RBM, FastBernoulli, bernoulli
+from rbm_study.core.models import DBN, UpDownDBN
+from rbm_study.core.sampling import FastBernoulli
 from rbm_study.core.threads import AdaptiveThreads
 from rbm_study.core.train import CDSettings, CDTrainer, EpochCallback
-
-
-@dataclass
-class UpDownDBN:
-    """A two-layer DBN with untied recognition (R, b_rec) and generative (G, a) weights."""
-
-    R: torch.Tensor  # [V, H1] recognition weights, v -> h1
-    b_rec: torch.Tensor  # [H1] recognition bias of h1 (the lab file's h1_up)
-    G: torch.Tensor  # [H1, V] generative weights, h1 -> v (the lab file's W1_down)
-    a: torch.Tensor  # [V] visible bias
-    top: RBM  # h1 <-> h2; top.a is h1's bias in the top RBM (h1_down), top.b is h2's
-
-    @classmethod
-    def from_dbn(cls, dbn: DBN) -> UpDownDBN:
-        if len(dbn.layers) != 2:
-            raise ValueError("up-down fine-tuning here is for a DBN of two RBMs")
-        bottom = dbn.layers[0]
-        return cls(bottom.W.clone(), bottom.b.clone(), bottom.W.T.clone(), bottom.a.clone(), dbn.top.clone())
-
-    def p_h1(self, v: torch.Tensor) -> torch.Tensor:
-        """Recognition: Q(h1 = 1 | v)."""
-        return torch.sigmoid(torch.addmm(self.b_rec, v, self.R))
-
-    def p_v(self, h1: torch.Tensor) -> torch.Tensor:
-        """Generation: p(v = 1 | h1)."""
-        return torch.sigmoid(torch.addmm(self.a, h1, self.G))
-
-    def reconstruct(
-        self, v: torch.Tensor, gibbs_steps: int = 1, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Recognition up, `gibbs_steps` (>= 1) rounds (h2, then h1) in the top RBM, generation down."""
-        if gibbs_steps < 1:
-            raise ValueError(f"gibbs_steps must be >= 1, got {gibbs_steps}")
-        h1 = bernoulli(self.p_h1(v), generator)
-        h2 = bernoulli(self.top.p_h(h1), generator)
-        return self.generate(h2, gibbs_steps - 1, generator)
-
-    def generate(
-        self, h2: torch.Tensor, gibbs_steps: int, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`gibbs_steps` (>= 0) Gibbs rounds in the top RBM from h2, then p(v=1|h1)."""
-        if gibbs_steps > 0:
-            _, _, h2 = self.top.gibbs_from_hidden(h2, gibbs_steps, generator)
-        h1 = bernoulli(self.top.p_v(h2), generator)
-        return self.p_v(h1), h2
 
 
 def up_down_epoch(

@@ -9,7 +9,7 @@ The benchmark (`python -m tests.bench`) times the trainer with and without this 
 rounds; the loop stays only while it makes CD-1 epochs at least 1.15x faster. numba compiles these
 functions for the machine at first use and caches the result next to this file (in the user's
 cache where that is read-only); they run on the calling thread (no thread pool of numba's own).
-Tensors on other devices take torch's ops instead (`core.rbm.FastBernoulli`).
+Tensors on other devices take torch's ops instead (`core.sampling.FastBernoulli`).
 
 The functions take flat numpy views of contiguous CPU tensors (`flat`) and allocate nothing.
 """

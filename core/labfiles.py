@@ -17,10 +17,8 @@ from pathlib import Path
 
 import torch
 
-from rbm_study.core.dbn import DBN
 from rbm_study.core.errors import UserError
-from rbm_study.core.finetune import UpDownDBN
-from rbm_study.core.rbm import RBM
+from rbm_study.core.models import DBN, RBM, UpDownDBN
 
 FILE_NAMES = {"rbm": "zad1_rbm.th", "dbn": "zad2_dbn.th", "finetune": "zad3_dbn_ft.th"}
 Model = RBM | DBN | UpDownDBN

@@ -50,9 +50,9 @@ from tqdm.auto import tqdm
 
 from rbm_study.core import evaluate, labfiles
 from rbm_study.core.data import MNIST, TEST_BINARIZE_SEED, Binarizer, binarize_once, load_mnist
-from rbm_study.core.dbn import DBN, mean_activity, train_dbn_layer
-from rbm_study.core.finetune import UpDownDBN, fine_tune
-from rbm_study.core.rbm import RBM, visible_bias_from_means
+from rbm_study.core.finetune import fine_tune
+from rbm_study.core.greedy import train_dbn_layer
+from rbm_study.core.models import DBN, RBM, UpDownDBN, mean_activity, visible_bias_from_means
 from rbm_study.core.train import CDSettings, train_rbm
 
 STAGES = ("rbm", "dbn", "finetune")

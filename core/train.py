@@ -16,7 +16,7 @@ parameter theta with gradient estimate g:
 (wd on W only); both are off in the lab's settings, where the step is just lr g.
 
 Every step is made of torch operations; the only compiled code is the Bernoulli sampler's loop
-(`core.kernels`, through `core.rbm.FastBernoulli`). How many threads those operations use is
+(`core.kernels`, through `core.sampling.FastBernoulli`). How many threads those operations use is
 chosen as training goes (`AdaptiveThreads`).
 """
 
@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from rbm_study.core.data import Binarizer
-from rbm_study.core.rbm import RBM, FastBernoulli
+from rbm_study.core.models import RBM
+from rbm_study.core.sampling import FastBernoulli
 from rbm_study.core.threads import AdaptiveThreads
 
 EpochCallback = Callable[[int, dict[str, float]], None]

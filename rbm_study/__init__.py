@@ -18,18 +18,18 @@ from typing import Any
 
 _PUBLIC = {
     # models
-    "RBM": "rbm_study.core.rbm",
-    "DBN": "rbm_study.core.dbn",
-    "UpDownDBN": "rbm_study.core.finetune",
+    "RBM": "rbm_study.core.models",
+    "DBN": "rbm_study.core.models",
+    "UpDownDBN": "rbm_study.core.models",
     # data
     "load_mnist": "rbm_study.core.data",
     "binarize_once": "rbm_study.core.data",
     "TEST_BINARIZE_SEED": "rbm_study.core.data",
-    "visible_bias_from_means": "rbm_study.core.rbm",
+    "visible_bias_from_means": "rbm_study.core.models",
     # training
     "CDSettings": "rbm_study.core.train",
     "train_rbm": "rbm_study.core.train",
-    "train_dbn_layer": "rbm_study.core.dbn",
+    "train_dbn_layer": "rbm_study.core.greedy",
     "fine_tune": "rbm_study.core.finetune",
     # evaluation
     "log_z": "rbm_study.core.evaluate",

@@ -28,7 +28,7 @@ state it settles into there:
     scikit-learn         BernoulliRBM (PCD-1 on the grey values; numpy's BLAS, its threads limited
                          to the condition's count with threadpoolctl)
     greedy layer         the second RBM of the lab's DBN: 100-100, CD-2, on samples of a trained
-                         784-100 first layer's hidden units, as core.dbn.train_dbn_layer trains it
+                         784-100 first layer's hidden units, as core.greedy.train_dbn_layer trains it
 
 Within a round the contenders and the sgemm reference take turns, so a slow spell of a shared
 machine hits them alike; times are medians over the rounds, and ratios ("vs ours", "of sgemm",
@@ -66,7 +66,8 @@ import torch
 
 from rbm_study.core.data import Binarizer, load_mnist
 from rbm_study.core.errors import UserError
-from rbm_study.core.rbm import RBM, FastBernoulli, visible_bias_from_means
+from rbm_study.core.models import RBM, visible_bias_from_means
+from rbm_study.core.sampling import FastBernoulli
 from rbm_study.core.train import CDSettings, CDTrainer
 
 N_IMAGES = 60_000  # every figure is per epoch of this many images
@@ -110,7 +111,7 @@ class Ours:
 def greedy_layer(data: Binarizer, below: RBM, seed: int = 0) -> Epoch:
     """One epoch of the DBN's second RBM, 100-100 CD-2, on samples of `below`'s hidden units.
 
-    The same visible states, sampler and trainer as core.dbn.train_dbn_layer's.
+    The same visible states, sampler and trainer as core.greedy.train_dbn_layer's.
     """
     g = torch.Generator().manual_seed(seed)
     sample = FastBernoulli(g)

@@ -25,7 +25,7 @@ def test_the_wheel_holds_one_package_and_the_configs(tmp_path: Path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"rbm_study"}, top  # no top-level core, study or analysis
-    for expected in ("rbm_study/__init__.py", "rbm_study/cli.py", "rbm_study/core/rbm.py",
+    for expected in ("rbm_study/__init__.py", "rbm_study/cli.py", "rbm_study/core/models.py",
                      "rbm_study/core/evaluate.py", "rbm_study/study/storage.py", "rbm_study/study/migrations.py",
                      "rbm_study/analysis/report.py", "rbm_study/configs/quick.yaml", "rbm_study/configs/lab.yaml",
                      "rbm_study/configs/k_comparison.yaml"):

@@ -21,7 +21,7 @@ from rbm_study.analysis import figures, kcompare
 from rbm_study.analysis.load import open_snapshot
 from rbm_study.cli import main
 from rbm_study.core import labfiles
-from rbm_study.core.rbm import RBM
+from rbm_study.core.models import RBM
 from tests.analysis import builddb
 
 

@@ -3,9 +3,10 @@
 import torch
 
 from rbm_study.core import evaluate
-from rbm_study.core.dbn import DBN, train_dbn_layer
-from rbm_study.core.finetune import UpDownDBN, fine_tune
-from rbm_study.core.rbm import RBM
+from rbm_study.core.finetune import fine_tune
+from rbm_study.core.greedy import train_dbn_layer
+from rbm_study.core.models import DBN, RBM, UpDownDBN
+from rbm_study.core.sampling import generate, reconstruct
 from rbm_study.core.train import CDSettings, train_rbm
 
 
@@ -69,8 +70,8 @@ def test_lower_bound_below_exact_and_up_down_raises_it():
 def test_generation_and_reconstruction_shapes():
     dbn = greedy_dbn(bars(100))
     g = torch.Generator().manual_seed(0)
-    pv, h_top = dbn.reconstruct(bars(5), gibbs_steps=3, generator=g)
+    pv, h_top = reconstruct(dbn, bars(5), gibbs_steps=3, generator=g)
     assert pv.shape == (5, 16) and h_top.shape == (5, 8)
     assert ((pv >= 0) & (pv <= 1)).all()
-    pv, h_top = UpDownDBN.from_dbn(dbn).generate(torch.zeros(7, 8), gibbs_steps=2, generator=g)
+    pv, h_top = generate(UpDownDBN.from_dbn(dbn), torch.zeros(7, 8), gibbs_steps=2, generator=g)
     assert pv.shape == (7, 16) and set(h_top.unique().tolist()) <= {0.0, 1.0}

@@ -24,7 +24,7 @@ from rbm_study.core.evaluate import (
     pseudo_log_likelihood,
     reconstruction_error,
 )
-from rbm_study.core.rbm import RBM
+from rbm_study.core.models import RBM
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
 

@@ -2,9 +2,7 @@ import pytest
 import torch
 
 from rbm_study.core import labfiles
-from rbm_study.core.dbn import DBN
-from rbm_study.core.finetune import UpDownDBN
-from rbm_study.core.rbm import RBM
+from rbm_study.core.models import DBN, RBM, UpDownDBN
 
 
 def random_rbm(V: int, H: int, seed: int) -> RBM:

@@ -6,8 +6,8 @@ import torch
 from rbm_study.core import evaluate
 from rbm_study.core.config import load_config
 from rbm_study.core.data import binarize_once, load_mnist
+from rbm_study.core.models import RBM, visible_bias_from_means
 from rbm_study.core.pipeline import LabCheckpoint, run_lab
-from rbm_study.core.rbm import RBM, visible_bias_from_means
 from rbm_study.core.train import CDSettings, train_rbm
 from tests.conftest import TINY
 

@@ -21,7 +21,7 @@ import torch
 
 from rbm_study.core import evaluate
 from rbm_study.core.data import TEST_BINARIZE_SEED, binarize_once, load_mnist
-from rbm_study.core.rbm import RBM, visible_bias_from_means
+from rbm_study.core.models import RBM, visible_bias_from_means
 from rbm_study.core.train import CDSettings, train_rbm
 
 PUBLISHED_CD1_500, PUBLISHED_CD3_500 = evaluate.PAPER_TEST_LL[1], evaluate.PAPER_TEST_LL[3]

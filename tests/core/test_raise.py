@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from rbm_study.core import evaluate
-from rbm_study.core.config import RAISE_BETAS, RAISE_CHAINS
 from rbm_study.core.data import TEST_BINARIZE_SEED, binarize_once, load_mnist
-from rbm_study.core.rbm import RBM, visible_bias_from_means
+from rbm_study.core.evaluate import RAISE_BETAS, RAISE_CHAINS
+from rbm_study.core.models import RBM, visible_bias_from_means
+from rbm_study.core.sampling import AnnealingSampler
 from rbm_study.core.train import CDSettings, train_rbm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
@@ -134,13 +135,13 @@ def test_dbn_raise_weights_average_to_the_annealed_dbn() -> None:
 
 def test_annealing_sampler_is_exact_at_the_ends_reproducible_and_unbiased() -> None:
     p = torch.tensor([0.0, 1.0, 1e-9, 0.25, 0.5, 0.9], dtype=torch.float32).repeat(200_000, 1)
-    first = evaluate.AnnealingSampler(torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32)(p)
-    again = evaluate.AnnealingSampler(torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32)(p)
+    first = AnnealingSampler(torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32)(p)
+    again = AnnealingSampler(torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32)(p)
     assert torch.equal(first, again) and first.dtype == torch.float32
     frequency = first.double().mean(dim=0)
     assert frequency[0] == 0 and frequency[1] == 1 and frequency[2] == 0
     assert frequency[3:].tolist() == pytest.approx([0.25, 0.5, 0.9], abs=0.004)  # 4 sigma at 200,000 draws
-    sixty_four = evaluate.AnnealingSampler(torch.Generator().manual_seed(1), torch.device("cpu"), torch.float64)
+    sixty_four = AnnealingSampler(torch.Generator().manual_seed(1), torch.device("cpu"), torch.float64)
     assert sixty_four(p.double()).dtype == torch.float64
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rbm_study.core.data import Binarizer, minibatches
-from rbm_study.core.rbm import RBM, FastBernoulli, bernoulli
+from rbm_study.core.models import RBM
+from rbm_study.core.sampling import FastBernoulli, bernoulli
 from rbm_study.core.train import CDSettings, CDTrainer, train_rbm
 from tests.core.conftest import Threshold
 

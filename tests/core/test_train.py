@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rbm_study.core import evaluate
-from rbm_study.core.rbm import RBM
+from rbm_study.core.models import RBM
 from rbm_study.core.threads import AdaptiveThreads
 from rbm_study.core.train import CDSettings, CDTrainer, train_rbm
 from tests.core.conftest import Threshold

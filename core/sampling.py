@@ -1,130 +1,28 @@
-"""Bernoulli restricted Boltzmann machine: the model, its conditionals and its free energy.
+"""Random states of the models in `core.models`: Bernoulli samplers, Gibbs chains, reconstructions.
 
-Energy of a joint state of binary visible units v (V of them) and hidden units h (H of them):
+Three samplers, one per need:
+- `bernoulli`: exact to float32 (24-bit uniforms from `torch.rand`), for evaluation sets and figures;
+- `FastBernoulli`: 16-bit uniforms from a compiled loop, for training's millions of samples a second;
+- `AnnealingSampler`: 32-bit uniforms from the same compiled generators, for AIS's and RAISE's long
+  chains, which must not inherit training's rounding.
 
-    E(v, h) = -v'Wh - b'h - a'v          W: [V, H], a: visible bias [V], b: hidden bias [H]
-
-which gives factorial conditionals
-
-    p(h_j = 1 | v) = sigmoid(b_j + sum_i v_i W_ij)
-    p(v_i = 1 | h) = sigmoid(a_i + sum_j W_ij h_j)
-
-and, summing the hidden units out, the free energy whose exp(-F) is the unnormalised p(v):
-
-    F(v) = -a'v - sum_j softplus(b_j + v'W_j)
-
-The names follow LAB.md (W, a, b); scikit-learn's BernoulliRBM calls them components_ (W.T),
-intercept_visible_ and intercept_hidden_. Training lives in `core.train`.
+A Gibbs round in an RBM is h ~ p(h | v), then v ~ p(v | h). The DBNs' reconstructions follow LAB.md
+(task 2 and 3): an up pass of sampled states to the top RBM's visible layer, Gibbs rounds in the top
+RBM, a down pass of sampled states, and p(v = 1 | ...) at the bottom.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
+import numba
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rbm_study.core import kernels
+from rbm_study.core.models import DBN, RBM, UpDownDBN
 
-
-class RBM:
-    """Parameters of a Bernoulli RBM plus the operations every algorithm here is built from."""
-
-    def __init__(self, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
-        if W.dim() != 2 or a.shape != (W.shape[0],) or b.shape != (W.shape[1],):
-            raise ValueError(
-                f"RBM shapes do not fit: W {tuple(W.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}"
-            )
-        self.W, self.a, self.b = W, a, b
-
-    @classmethod
-    def init(
-        cls,
-        n_visible: int,
-        n_hidden: int,
-        generator: torch.Generator | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        weight_std: float = 0.01,
-        visible_bias: torch.Tensor | None = None,
-    ) -> RBM:
-        """Small random weights, zero hidden bias, visible bias zero or as given.
-
-        Hinton's practical guide suggests visible biases log(p/(1-p)) of the data's pixel means;
-        pass them as `visible_bias` (see `visible_bias_from_means`).
-        """
-        # draw where the generator lives (a CUDA generator cannot fill a CPU tensor)
-        where = generator.device if generator is not None else device
-        W = torch.randn(n_visible, n_hidden, generator=generator, dtype=dtype, device=where) * weight_std
-        a = torch.zeros(n_visible, dtype=dtype) if visible_bias is None else visible_bias.to(dtype)
-        b = torch.zeros(n_hidden, dtype=dtype)
-        return cls(W.to(device), a.to(device).clone(), b.to(device))
-
-    @property
-    def n_visible(self) -> int:
-        return self.W.shape[0]
-
-    @property
-    def n_hidden(self) -> int:
-        return self.W.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.W.device
-
-    def to(self, device: torch.device | str) -> RBM:
-        return RBM(self.W.to(device), self.a.to(device), self.b.to(device))
-
-    def clone(self) -> RBM:
-        return RBM(self.W.clone(), self.a.clone(), self.b.clone())
-
-    # --- conditionals -------------------------------------------------------------------------
-    def p_h(self, v: torch.Tensor) -> torch.Tensor:
-        """p(h = 1 | v), one row per row of v."""
-        return torch.sigmoid(torch.addmm(self.b, v, self.W))
-
-    def p_v(self, h: torch.Tensor) -> torch.Tensor:
-        """p(v = 1 | h), one row per row of h."""
-        return torch.sigmoid(torch.addmm(self.a, h, self.W.T))
-
-    def free_energy(self, v: torch.Tensor) -> torch.Tensor:
-        """F(v) per row; exp(-F(v)) / Z = p(v)."""
-        return -(v @ self.a) - F.softplus(torch.addmm(self.b, v, self.W)).sum(dim=1)
-
-    def hidden_free_energy(self, h: torch.Tensor) -> torch.Tensor:
-        """F(h) per row, the visible units summed out; exp(-F(h)) / Z = p(h)."""
-        return -(h @ self.b) - F.softplus(torch.addmm(self.a, h, self.W.T)).sum(dim=1)
-
-    # --- sampling ------------------------------------------------------------------------------
-    def gibbs_from_hidden(
-        self, h: torch.Tensor, steps: int, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`steps` rounds of v ~ p(v|h), h ~ p(h|v) from a hidden state.
-
-        Returns (v sample, p(v|h) that produced it, hidden sample) of the last round.
-        """
-        if steps < 1:
-            raise ValueError(f"gibbs steps must be >= 1, got {steps}")
-        for _ in range(steps):
-            pv = self.p_v(h)
-            v = bernoulli(pv, generator)
-            h = bernoulli(self.p_h(v), generator)
-        return v, pv, h
-
-    def reconstruct(self, v: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """p(v = 1 | h) with h ~ p(h | v): the lab's reconstruction, shown as probabilities."""
-        return self.p_v(bernoulli(self.p_h(v), generator))
-
-    def generate(
-        self, h: torch.Tensor, steps: int, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Visible probabilities after `steps` Gibbs rounds started from a hidden state h.
-
-        Returns (p(v=1|h) of the final hidden state, that final hidden state).
-        """
-        _, _, h = self.gibbs_from_hidden(h, steps, generator)
-        return self.p_v(h), h
+Model = RBM | DBN | UpDownDBN
 
 
 def bernoulli(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -249,7 +147,114 @@ class FastBernoulli:
         self._next = 0
 
 
-def visible_bias_from_means(means: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """log(p / (1 - p)) of the pixel means, clipped away from 0 and 1: the base-rate bias."""
-    p = means.clamp(eps, 1 - eps)
-    return torch.log(p) - torch.log1p(-p)
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _bernoulli32(p: np.ndarray, state: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = 1 if (s_i + 0.5) 2^-32 < p[i] else 0, s_i fresh 32-bit halves of SFC64 words.
+
+    p[i] 2^32 is exact in float64 for float32 and float64 p, so P(out[i] = 1) is p[i] to 2^-33.
+    """
+    n = p.shape[0]
+    words = scratch[: -(-n // (2 * state.shape[1]))]
+    kernels.sfc64_fill(state, words)
+    bits = words.reshape(-1).view(np.uint32)
+    for i in range(n):
+        out[i] = 1.0 if np.float64(bits[i]) + 0.5 < np.float64(p[i]) * 4294967296.0 else 0.0
+
+
+class AnnealingSampler:
+    """Bernoulli samples for AIS and RAISE, exact to float precision, made fast on the CPU.
+
+    An annealing run draws one uniform per unit per step: millions per image for RAISE. `torch.rand`
+    on the CPU makes them one at a time with the Mersenne twister, which for a small hidden layer
+    costs more than the step's matrix products; here the 64 side-by-side SFC64 generators of
+    `core.kernels` (seeded from one draw of `generator`) give two 32-bit uniforms per 64-bit word
+    in one compiled loop, and P(sample = 1) is p to 2^-33, finer than a float32 p itself (the
+    training sampler, `FastBernoulli`, rounds p to 2^-16, which a long annealing run should not
+    inherit). Other devices, and float16 or bfloat16 models, use `bernoulli`.
+    """
+
+    def __init__(self, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype):
+        self.generator = generator
+        self._lanes: np.ndarray | None = None
+        self._scratch = np.empty((0, kernels.LANES), dtype=np.uint64)
+        if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+            seed = int(torch.randint(2**62, (), generator=generator))
+            self._lanes = kernels.sfc64_lanes(seed)
+
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        """Binary samples with P(1) = p, in p's shape and dtype."""
+        if self._lanes is None:
+            return bernoulli(p, self.generator)
+        p = p.contiguous()
+        out = torch.empty_like(p)
+        words = -(-p.numel() // (2 * kernels.LANES))
+        if self._scratch.shape[0] < words:
+            self._scratch = np.empty((words, kernels.LANES), dtype=np.uint64)
+        _bernoulli32(kernels.flat(p), self._lanes, self._scratch, kernels.flat(out))
+        return out
+
+
+# --- chains ------------------------------------------------------------------------------------------
+def gibbs_from_hidden(
+    rbm: RBM, h: torch.Tensor, steps: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`steps` rounds of v ~ p(v|h), h ~ p(h|v) from a hidden state.
+
+    Returns (v sample, p(v|h) that produced it, hidden sample) of the last round.
+    """
+    if steps < 1:
+        raise ValueError(f"gibbs steps must be >= 1, got {steps}")
+    for _ in range(steps):
+        pv = rbm.p_v(h)
+        v = bernoulli(pv, generator)
+        h = bernoulli(rbm.p_h(v), generator)
+    return v, pv, h
+
+
+def up(dbn: DBN, v: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sampled states of the top RBM's visible layer (h_{L-1}) of a DBN, given binary data v."""
+    h = v
+    for layer in dbn.layers[:-1]:
+        h = bernoulli(layer.p_h(h), generator)
+    return h
+
+
+def reconstruct(
+    model: Model, v: torch.Tensor, gibbs_steps: int = 1, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lab's reconstruction: up to the top RBM's hidden layer, `gibbs_steps` (>= 1) rounds there
+    in all (the first is the up pass's own step to the top), then down to p(v = 1 | ...).
+
+    An RBM: h ~ p(h | v), `gibbs_steps - 1` more rounds, p(v | h). A DBN: the up pass with the
+    layers' recognition weights and hidden biases; an UpDownDBN: with R and the recognition bias.
+    Returns (visible probabilities, the final top hidden state).
+    """
+    if gibbs_steps < 1:
+        raise ValueError(f"gibbs_steps must be >= 1, got {gibbs_steps}")
+    if isinstance(model, RBM):
+        h_top = bernoulli(model.p_h(v), generator)
+    elif isinstance(model, DBN):
+        h_top = bernoulli(model.top.p_h(up(model, v, generator)), generator)
+    else:
+        h_top = bernoulli(model.top.p_h(bernoulli(model.p_h1(v), generator)), generator)
+    return generate(model, h_top, gibbs_steps - 1, generator)
+
+
+def generate(
+    model: Model, h_top: torch.Tensor, gibbs_steps: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gibbs_steps` (>= 0) Gibbs rounds in the (top) RBM from its hidden state h_top, then down.
+
+    Returns (p(v = 1 | ...) at the bottom, the final top hidden state).
+    """
+    top = model if isinstance(model, RBM) else model.top
+    if gibbs_steps > 0:
+        _, _, h_top = gibbs_from_hidden(top, h_top, gibbs_steps, generator)
+    if isinstance(model, RBM):
+        return model.p_v(h_top), h_top
+    h = bernoulli(top.p_v(h_top), generator)
+    if isinstance(model, UpDownDBN):
+        return model.p_v(h), h_top
+    for layer in reversed(model.layers[1:-1]):
+        h = bernoulli(layer.p_v(h), generator)
+    return model.layers[0].p_v(h), h_top
