@@ -13,23 +13,23 @@ from pathlib import Path
 import torch
 
 from rbm_study.core import evaluate, labfiles
-from rbm_study.core.config import LAB_KEYS, Schema, load_config, set_dotted
+from rbm_study.core.config import LabConfig, load_config, set_dotted
 from rbm_study.core.data import EVAL_BINARIZE_SEED, TEST_BINARIZE_SEED, binarize_once, load_mnist
 from rbm_study.core.errors import UserError
 from rbm_study.core.evaluate import RAISE_BETAS, RAISE_CHAINS, RAISE_IMAGES
 from rbm_study.core.models import DBN, RBM, UpDownDBN, mean_activity, visible_bias_from_means
 
 
-def run_command(args: argparse.Namespace, schema: Schema = LAB_KEYS) -> int:
-    """`rbm-study run`. `schema` is the lab's keys, or the CLI passes the study's superset so that a
-    study config also runs as a single trial."""
+def run_command(args: argparse.Namespace, model: type[LabConfig] = LabConfig) -> int:
+    """`rbm-study run`. `model` is the lab's config, or the CLI passes the study's (a superset) so
+    that a study config also runs as a single trial."""
     from rbm_study.core.pipeline import run_lab
 
-    config = load_config(args.config, args.set, schema)
+    config = load_config(args.config, args.set, model)
     if args.data_dir:
-        set_dotted(config, "data.root", args.data_dir)
+        config = config.with_values({"data.root": args.data_dir})
     if args.device:
-        set_dotted(config, "device", args.device)
+        config = config.with_values({"device": args.device})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -37,7 +37,7 @@ def run_command(args: argparse.Namespace, schema: Schema = LAB_KEYS) -> int:
     except FloatingPointError as err:  # a learning rate too large for the data: the user's to change
         raise UserError(str(err)) from None
     written = [labfiles.save(model, out / labfiles.FILE_NAMES[stage]) for stage, model in result.models().items()]
-    write_metrics(out / "metrics.json", result.metrics, seconds_total=result.seconds, config=config)
+    write_metrics(out / "metrics.json", result.metrics, seconds_total=result.seconds, config=config.to_dict())
     print(f"wrote {', '.join(str(p) for p in written)} and {out / 'metrics.json'}")
     print(f"final test log-likelihood (lower bound) {result.metrics['final.test.log_likelihood']:.2f} nats")
     return 0

@@ -1,59 +1,35 @@
-"""Run configuration: defaults, YAML files, dotted `--set` overrides and validation.
+"""Run configuration: one typed section per part of the lab, YAML files, dotted `--set` overrides.
 
-A configuration is a nested dict. Every key a user may write is declared in `LAB_KEYS` (the three
-lab tasks; the study service adds its own with `Schema.extend`), with its default and a check.
+A lab config is a `LabConfig`: `seed`, `device` and the sections `data`, `rbm` (task 1), `dbn`
+(task 2), `finetune` (task 3) and `eval` (how every model is measured). Each section is a pydantic
+model whose fields are the keys a user may write, with their defaults and their bounds, declared
+once here and read as attributes by the code that uses them (`config.rbm.cd_k`). A study adds its
+own sections (`study.config.StudyConfig`).
+
+Files and overrides are plain nested mappings until `load_config` validates them, once: defaults,
+then the YAML file, then `--set key=value` overrides (dotted names, values read as YAML scalars).
 Unknown keys and invalid values raise `ConfigError` naming the key, which the CLI turns into a
-one-line message and exit code 2.
+one-line message and exit code 2. Validation is strict (no "3" for 3, no 1.5 for an integer, no
+"yes" for true), except that a number written 1e-3, which YAML 1.1 reads as a string, is a number.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from rbm_study.core.errors import UserError
 from rbm_study.core.evaluate import RAISE_BETAS, RAISE_CHAINS, RAISE_IMAGES
+from rbm_study.core.train import CDSettings
 
 
 class ConfigError(UserError, ValueError):
     """A configuration key or value is wrong; the message names the key and how to fix it."""
-
-
-Check = Callable[[str, Any], Any]
-
-
-def integer(minimum: int) -> Check:
-    def check(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
-        if value < minimum:
-            raise ConfigError(f"{key} must be >= {minimum}, got {value}")
-        return value
-
-    return check
-
-
-def optional_integer(minimum: int) -> Check:
-    inner = integer(minimum)
-    return lambda key, value: None if value is None else inner(key, value)
-
-
-def number(minimum: float, strict: bool = False) -> Check:
-    def check(key: str, value: Any) -> float:
-        value = _yaml11_float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        if value < minimum or (strict and value == minimum):
-            bound = ">" if strict else ">="
-            raise ConfigError(f"{key} must be {bound} {minimum}, got {value}")
-        return float(value)
-
-    return check
 
 
 def _yaml11_float(value: Any) -> Any:
@@ -66,124 +42,157 @@ def _yaml11_float(value: Any) -> Any:
     return value
 
 
-def fraction(key: str, value: Any) -> float:
-    value = number(0.0)(key, value)
-    if value >= 1.0:
-        raise ConfigError(f"{key} must be in [0, 1), got {value}")
-    return value
+Number = Annotated[float, BeforeValidator(_yaml11_float)]
 
 
-def boolean(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    return value
+class Section(BaseModel):
+    """A config section: known keys only, strict types, immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def choice(*options: str) -> Check:
-    def check(key: str, value: Any) -> str:
-        if value not in options:
-            raise ConfigError(f"{key} must be one of {', '.join(options)}; got {value!r}")
-        return value
-
-    return check
+class DataConfig(Section):
+    root: str | None = None  # MNIST's folder; None: $MNIST_ROOT, else ./data
+    subset: int | None = Field(None, ge=1)  # train on the first N training images only
+    val_size: int = Field(10_000, ge=1)  # training images held out for validation
 
 
-def optional_string(key: str, value: Any) -> str | None:
-    if value is not None and not isinstance(value, str):
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    return value
+class RBMConfig(Section):
+    """Task 1: the RBM and how CD-k / PCD-k trains it (Hinton's guide for momentum, weight decay)."""
+
+    hidden_size: int = Field(100, ge=1)
+    cd_k: int = Field(1, ge=1)
+    persistent: bool = False
+    learning_rate: Number = Field(0.1, gt=0)
+    epochs: int = Field(100, ge=0)
+    batch_size: int = Field(100, ge=1)
+    momentum: Number = Field(0.0, ge=0, lt=1)
+    weight_decay: Number = Field(0.0, ge=0)
+
+    def cd_settings(self) -> CDSettings:
+        return CDSettings(cd_k=self.cd_k, persistent=self.persistent, learning_rate=self.learning_rate,
+                          epochs=self.epochs, batch_size=self.batch_size, momentum=self.momentum,
+                          weight_decay=self.weight_decay)
 
 
-def mapping(key: str, value: Any) -> dict:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key} must be a mapping, got {value!r}")
-    return value
+class DBNConfig(Section):
+    """Task 2: the top RBM, trained greedily on the first one's hidden samples."""
+
+    hidden_size: int = Field(100, ge=1)
+    cd_k: int = Field(2, ge=1)
+    learning_rate: Number = Field(0.1, gt=0)
+    epochs: int = Field(100, ge=0)
+
+    def cd_settings(self, batch_size: int) -> CDSettings:
+        return CDSettings(cd_k=self.cd_k, learning_rate=self.learning_rate, epochs=self.epochs, batch_size=batch_size)
 
 
-@dataclass(frozen=True)
-class Key:
-    default: Any
-    check: Check
+class FinetuneConfig(Section):
+    """Task 3: up-down fine-tuning (0 epochs: skipped); CD-k in the top RBM."""
+
+    cd_k: int = Field(2, ge=1)
+    learning_rate: Number = Field(0.01, gt=0)
+    epochs: int = Field(100, ge=0)
+
+    def cd_settings(self, batch_size: int) -> CDSettings:
+        return CDSettings(cd_k=self.cd_k, learning_rate=self.learning_rate, epochs=self.epochs, batch_size=batch_size)
 
 
-class Schema:
-    """The declared keys (dotted names) with defaults and checks."""
+class EvalConfig(Section):
+    """How each model is measured (`core.evaluate`; README: "The estimators, validated")."""
 
-    def __init__(self, keys: dict[str, Key]):
-        self.keys = dict(keys)
-
-    def extend(self, keys: dict[str, Key]) -> Schema:
-        return Schema({**self.keys, **keys})
-
-    def defaults(self) -> dict:
-        config: dict = {}
-        for dotted, key in self.keys.items():
-            set_dotted(config, dotted, copy.deepcopy(key.default))
-        return config
-
-    def validate(self, config: dict) -> dict:
-        """Check every leaf against its declaration; returns the config with values normalised."""
-        for dotted, value in flatten(config, stop_at=self._mapping_keys()):
-            if dotted not in self.keys:
-                raise ConfigError(f"unknown config key {dotted!r}; known keys: {', '.join(self.keys)}")
-            set_dotted(config, dotted, self.keys[dotted].check(dotted, value))
-        return config
-
-    def _mapping_keys(self) -> set[str]:
-        return {k for k, v in self.keys.items() if v.check is mapping}
+    # log Z by AIS: ais_repeats runs of ais_chains chains, side by side, pooled; the full schedule
+    # of Salakhutdinov & Murray (2008) is 100 chains x 14,500 inverse temperatures
+    ais_chains: int = Field(100, ge=1)
+    ais_betas: int = Field(14_500, ge=2)
+    ais_repeats: int = Field(1, ge=1)
+    size: int | None = Field(None, ge=1)  # score the first N validation and test images (None: all)
+    # RAISE: the first raise_images test images, raise_chains reverse chains each, the AIS schedule's
+    # shape with raise_betas inverse temperatures; raise_images = 0 turns it off
+    raise_images: int = Field(RAISE_IMAGES, ge=0)
+    raise_chains: int = Field(RAISE_CHAINS, ge=1)
+    raise_betas: int = Field(RAISE_BETAS, ge=3)
+    # the likelihood curve: a cheap AIS every curve_every epochs of each stage (0 = never), on the
+    # first curve_images validation images. On a 784-100 CD-1 RBM, 16 x 5,000 scatters by about 2
+    # nats from seed to seed, where 2,000 inverse temperatures were up to 6 nats optimistic
+    curve_every: int = Field(0, ge=0)
+    curve_chains: int = Field(16, ge=1)
+    curve_betas: int = Field(5_000, ge=3)
+    curve_images: int = Field(1_000, ge=1)
 
 
+class LabConfig(Section):
+    """What `rbm-study run` takes and one trial of a study runs: the three lab tasks."""
 
-LAB_KEYS = Schema(
-    {
-        "seed": Key(0, integer(0)),
-        "device": Key("auto", choice("auto", "cpu", "cuda")),
-        "data.root": Key(None, optional_string),
-        "data.subset": Key(None, optional_integer(1)),
-        "data.val_size": Key(10_000, integer(1)),
-        "rbm.hidden_size": Key(100, integer(1)),
-        "rbm.cd_k": Key(1, integer(1)),
-        "rbm.persistent": Key(False, boolean),
-        "rbm.learning_rate": Key(0.1, number(0.0, strict=True)),
-        "rbm.epochs": Key(100, integer(0)),
-        "rbm.batch_size": Key(100, integer(1)),
-        "rbm.momentum": Key(0.0, fraction),
-        "rbm.weight_decay": Key(0.0, number(0.0)),
-        "dbn.hidden_size": Key(100, integer(1)),
-        "dbn.cd_k": Key(2, integer(1)),
-        "dbn.learning_rate": Key(0.1, number(0.0, strict=True)),
-        "dbn.epochs": Key(100, integer(0)),
-        "finetune.cd_k": Key(2, integer(1)),
-        "finetune.learning_rate": Key(0.01, number(0.0, strict=True)),
-        "finetune.epochs": Key(100, integer(0)),
-        "eval.ais_chains": Key(100, integer(1)),
-        "eval.ais_betas": Key(14_500, integer(2)),
-        "eval.ais_repeats": Key(1, integer(1)),
-        "eval.size": Key(None, optional_integer(1)),
-        # RAISE (core.evaluate): the first raise_images test images, raise_chains reverse chains each,
-        # the AIS schedule's shape with raise_betas inverse temperatures; raise_images = 0 turns it off
-        "eval.raise_images": Key(RAISE_IMAGES, integer(0)),
-        "eval.raise_chains": Key(RAISE_CHAINS, integer(1)),
-        "eval.raise_betas": Key(RAISE_BETAS, integer(3)),
-        # the likelihood curve: a cheap AIS every curve_every epochs of each stage (0 = never), on the
-        # first curve_images validation images. On a 784-100 CD-1 RBM, 16 x 5,000 scatters by about 2
-        # nats from seed to seed, where 2,000 inverse temperatures were up to 6 nats optimistic
-        "eval.curve_every": Key(0, integer(0)),
-        "eval.curve_chains": Key(16, integer(1)),
-        "eval.curve_betas": Key(5_000, integer(3)),
-        "eval.curve_images": Key(1_000, integer(1)),
-    }
-)
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    rbm: RBMConfig = RBMConfig()
+    dbn: DBNConfig = DBNConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_dict(self) -> dict:
+        """The nested mapping a file would hold (what a study database stores)."""
+        return self.model_dump(mode="json")
+
+    def with_values(self, values: dict[str, Any]) -> LabConfig:
+        """A copy with dotted keys set (`{"rbm.cd_k": 3}`), validated again."""
+        return validate(type(self), _with_dotted(self.to_dict(), values))
 
 
-def flatten(config: dict, prefix: str = "", stop_at: set[str] = frozenset()) -> Iterable[tuple[str, Any]]:
-    """(dotted key, leaf value) pairs; keys in `stop_at` are leaves even when they hold a dict."""
-    for name, value in config.items():
-        dotted = f"{prefix}{name}"
-        if isinstance(value, dict) and dotted not in stop_at:
-            yield from flatten(value, f"{dotted}.", stop_at)
+Config = TypeVar("Config", bound=Section)
+
+
+def keys(model: type[Section]) -> list[str]:
+    """Every dotted key a user may write in a config of type `model`."""
+    found = []
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, Section):
+            found += [f"{name}.{key}" for key in keys(kind)]
         else:
-            yield dotted, value
+            found.append(name)
+    return found
+
+
+def validate(model: type[Config], mapping: Any) -> Config:
+    """`mapping` as a `model`, or `ConfigError` naming the first wrong key in one line."""
+    try:
+        return model.model_validate(mapping)
+    except ValidationError as err:
+        raise ConfigError(_one_line(model, err)) from None
+
+
+def _one_line(model: type[Section], err: ValidationError) -> str:
+    first = err.errors()[0]
+    dotted = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        section = dotted.rpartition(".")[0]
+        known = [k for k in keys(model) if k.startswith(f"{section}.")] if section else keys(model)
+        return f"unknown config key {dotted!r}; known keys{f' of {section}' if section else ''}: {', '.join(known)}"
+    message = first["msg"][0].lower() + first["msg"][1:]
+    return f"config key {dotted}: {message}, got {first.get('input')!r}"
+
+
+def check_value(model: type[Section], dotted: str, value: Any, where: str | None = None) -> Any:
+    """`value` as `model` reads it at the dotted key (e.g. a searched value), or ConfigError."""
+    if dotted not in keys(model):
+        raise ConfigError(f"unknown config key {dotted!r}; known keys: {', '.join(keys(model))}")
+    try:
+        checked = model.model_validate(_with_dotted({}, {dotted: value}))
+    except ValidationError as err:
+        if where is None:
+            raise ConfigError(_one_line(model, err)) from None
+        raise ConfigError(f"{where}: {_one_line(model, err)}") from None
+    return get_dotted(checked.model_dump(), dotted)
+
+
+def _with_dotted(mapping: dict, values: dict[str, Any]) -> dict:
+    out = copy.deepcopy(mapping)
+    for dotted, value in values.items():
+        set_dotted(out, dotted, value)
+    return out
 
 
 def get_dotted(config: dict, dotted: str) -> Any:
@@ -247,23 +256,27 @@ def config_path(name: str | Path) -> Path:
     )
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A config file's mapping (a bundled config by name, or a path), or ConfigError."""
+    path = config_path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(
-    path: str | Path | None, overrides: Iterable[str] = (), schema: Schema = LAB_KEYS
-) -> dict:
-    """Defaults, then the YAML file, then `--set` overrides; validated against `schema`."""
-    config = schema.defaults()
-    if path is not None:
-        path = config_path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
-        config = merge(config, loaded)
+    path: str | Path | None, overrides: Iterable[str] = (), model: type[Config] = LabConfig
+) -> Config:
+    """The YAML file (None: the defaults alone), then `--set` overrides; validated as `model`."""
+    mapping = read_yaml(path) if path is not None else {}
+    known = keys(model)
     for text in overrides:
         key, value = parse_override(text)
-        if key not in schema.keys:
-            raise ConfigError(f"unknown config key {key!r} in --set; known keys: {', '.join(schema.keys)}")
-        set_dotted(config, key, value)
-    return schema.validate(config)
+        if key not in known:
+            raise ConfigError(f"unknown config key {key!r} in --set; known keys: {', '.join(known)}")
+        set_dotted(mapping, key, value)
+    return validate(model, mapping)

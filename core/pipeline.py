@@ -49,13 +49,14 @@ import torch
 from tqdm.auto import tqdm
 
 from rbm_study.core import evaluate, labfiles
+from rbm_study.core.config import LabConfig
 from rbm_study.core.data import MNIST, TEST_BINARIZE_SEED, Binarizer, binarize_once, load_mnist
 from rbm_study.core.finetune import fine_tune
 from rbm_study.core.greedy import train_dbn_layer
+from rbm_study.core.metrics import STAGES
 from rbm_study.core.models import DBN, RBM, UpDownDBN, mean_activity, visible_bias_from_means
-from rbm_study.core.train import CDSettings, train_rbm
+from rbm_study.core.train import train_rbm
 
-STAGES = ("rbm", "dbn", "finetune")
 StageEpochCallback = Callable[[str, int, dict[str, float]], None]
 EPOCH_EVAL_ROWS = 1000  # rows of the validation set scored after every epoch (cheap signals)
 RAISE_SPLITS = ("test",)  # the splits RAISE scores (its first eval.raise_images images of each)
@@ -141,33 +142,30 @@ class _EvalSets:
 
 
 def run_lab(
-    config: dict,
+    config: LabConfig,
     on_epoch: StageEpochCallback | None = None,
     data: MNIST | None = None,
     progress: bool = False,
     resume_from: LabCheckpoint | None = None,
     on_checkpoint: Callable[[LabCheckpoint], None] | None = None,
 ) -> LabResult:
-    """Run tasks 1-3 with a validated config (see `core.config.LAB_KEYS`).
+    """Run tasks 1-3 with a validated config (`core.config.LabConfig`).
 
     `resume_from` must come from a run of the same config; stages it holds are not trained again.
     """
     started = time.perf_counter()
-    device = resolve_device(config["device"])
-    generator = torch.Generator(device=device).manual_seed(config["seed"])
+    device = resolve_device(config.device)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
     done = STAGES.index(resume_from.stage) + 1 if resume_from is not None else 0
-    d, r, s, f, e = (config[k] for k in ("data", "rbm", "dbn", "finetune", "eval"))
+    e = config.eval
     if data is None:
-        data = load_mnist(d["root"], device, d["val_size"], d["subset"])
-    sets = _EvalSets.build(data, e["size"])
-    epochs = {"rbm": r["epochs"], "dbn": s["epochs"], "finetune": f["epochs"]}
+        data = load_mnist(config.data.root, device, config.data.val_size, config.data.subset)
+    sets = _EvalSets.build(data, e.size)
+    epochs = {"rbm": config.rbm.epochs, "dbn": config.dbn.epochs, "finetune": config.finetune.epochs}
     bar = tqdm(total=sum(epochs.values()), initial=sum(epochs[stage] for stage in STAGES[:done]),
                disable=not progress, unit="epoch", dynamic_ncols=True)
-    metrics: dict[str, float] = {
-        f"eval.{key}": float(e[key])
-        for key in ("ais_chains", "ais_betas", "ais_repeats", "raise_images", "raise_chains", "raise_betas",
-                    "curve_every", "curve_chains", "curve_betas", "curve_images")
-    }
+    # the settings behind the estimates travel with them
+    metrics: dict[str, float] = {f"eval.{key}": float(value) for key, value in e if key != "size"}
     epoch_log: dict[str, list[float]] = {stage: [] for stage in STAGES}
     models: dict[str, dict[str, torch.Tensor]] = {}
     if resume_from is not None:
@@ -198,26 +196,26 @@ def run_lab(
         bar.set_postfix_str("estimating log Z")
         started = time.perf_counter()
         estimate = evaluate.log_z(
-            model, "auto", base_visible_bias=base_bias, chains=e["ais_chains"], betas=e["ais_betas"],
-            generator=eval_generator("ais", stage), repeats=e["ais_repeats"],
+            model, "auto", base_visible_bias=base_bias, chains=e.ais_chains, betas=e.ais_betas,
+            generator=eval_generator("ais", stage), repeats=e.ais_repeats,
         )
         metrics[f"{stage}.ais_seconds"] = time.perf_counter() - started
         return estimate
 
     def eval_generator(use: str, stage: str, epoch: int = 0) -> torch.Generator:
-        seed = (config["seed"] * 1_000 + _EVAL_SEEDS[use, stage]) * 100_000 + epoch
+        seed = (config.seed * 1_000 + _EVAL_SEEDS[use, stage]) * 100_000 + epoch
         return torch.Generator(device=device).manual_seed(seed)
 
     def reverse_estimates(stage: str, scored: _Scored, run: Callable[..., evaluate.RaiseEstimate]) -> None:
         """RAISE on the first eval.raise_images images of each split in RAISE_SPLITS (timed)."""
-        if e["raise_images"] == 0:
+        if e.raise_images == 0:
             return
         bar.set_postfix_str("RAISE")
         started = time.perf_counter()
         g = eval_generator("raise", stage)
         for split in RAISE_SPLITS:
-            v = sets.split(split)[: e["raise_images"]]
-            estimate = run(v, chains=e["raise_chains"], betas=e["raise_betas"], generator=g)
+            v = sets.split(split)[: e.raise_images]
+            estimate = run(v, chains=e.raise_chains, betas=e.raise_betas, generator=g)
             metrics.update(_finite(_raise_metrics(f"{stage}.{split}", estimate, scored.log_p[split])))
         metrics[f"{stage}.raise_seconds"] = time.perf_counter() - started
 
@@ -229,7 +227,7 @@ def run_lab(
         def measure(model: object) -> dict[str, float]:
             nonlocal epoch
             epoch += 1
-            if e["curve_every"] == 0 or epoch % e["curve_every"]:
+            if e.curve_every == 0 or epoch % e.curve_every:
                 return {}
             started = time.perf_counter()
             value = score(model, eval_generator("curve", stage, epoch))
@@ -239,11 +237,11 @@ def run_lab(
 
         return measure
 
-    curve_val = sets.val[: e["curve_images"]]
+    curve_val = sets.val[: e.curve_images]
 
     def curve_log_z(model: RBM, base_bias: torch.Tensor, g: torch.Generator) -> evaluate.LogZEstimate:
-        return evaluate.log_z(model, "auto", base_visible_bias=base_bias, chains=e["curve_chains"],
-                              betas=e["curve_betas"], generator=g)
+        return evaluate.log_z(model, "auto", base_visible_bias=base_bias, chains=e.curve_chains,
+                              betas=e.curve_betas, generator=g)
 
     def curve_dbn_bound(model: UpDownDBN, base_bias: torch.Tensor, g: torch.Generator) -> float:
         top_log_z = curve_log_z(model.top, base_bias, g).log_z
@@ -255,13 +253,9 @@ def run_lab(
     # --- task 1: the RBM ----------------------------------------------------------------------
     pixel_bias = visible_bias_from_means(data.train.mean(dim=0))
     if done < 1:
-        rbm = RBM.init(784, r["hidden_size"], generator=generator, device=device, visible_bias=pixel_bias)
-        rbm_settings = CDSettings(
-            cd_k=r["cd_k"], persistent=r["persistent"], learning_rate=r["learning_rate"], epochs=r["epochs"],
-            batch_size=r["batch_size"], momentum=r["momentum"], weight_decay=r["weight_decay"],
-        )
+        rbm = RBM.init(784, config.rbm.hidden_size, generator=generator, device=device, visible_bias=pixel_bias)
         rbm_curve = curve("rbm", lambda m, g: evaluate.mean_log_likelihood(m, curve_val, curve_log_z(m, pixel_bias, g)))
-        train_rbm(rbm, images, rbm_settings, generator, _timed(report("rbm"), epoch_log["rbm"]),
+        train_rbm(rbm, images, config.rbm.cd_settings(), generator, _timed(report("rbm"), epoch_log["rbm"]),
                   epoch_metrics=lambda m: {**_rbm_epoch_metrics(m, sets, generator), **rbm_curve(m)})
         scored = _score_rbm(rbm, sets, ais("rbm", rbm, pixel_bias), generator)
         metrics.update(_finite(scored.metrics))
@@ -273,11 +267,9 @@ def run_lab(
     # --- task 2: the DBN ----------------------------------------------------------------------
     h1_bias = visible_bias_from_means(mean_activity([rbm], data.train))
     if done < 2:
-        dbn_settings = CDSettings(
-            cd_k=s["cd_k"], learning_rate=s["learning_rate"], epochs=s["epochs"], batch_size=r["batch_size"]
-        )
         dbn_curve = curve("dbn", lambda top, g: curve_dbn_bound(_untied(DBN([rbm, top])), h1_bias, g))
-        top = train_dbn_layer([rbm], s["hidden_size"], images, dbn_settings, generator,
+        dbn_settings = config.dbn.cd_settings(config.rbm.batch_size)
+        top = train_dbn_layer([rbm], config.dbn.hidden_size, images, dbn_settings, generator,
                               _timed(report("dbn"), epoch_log["dbn"]), epoch_metrics=dbn_curve)
         dbn = DBN([rbm.clone(), top])
         scored = _score_dbn("dbn", _untied(dbn), sets, ais("dbn", dbn.top, h1_bias), generator)
@@ -289,10 +281,8 @@ def run_lab(
 
     # --- task 3: up-down fine-tuning -----------------------------------------------------------
     finetuned = None
-    if f["epochs"] > 0:
-        ft_settings = CDSettings(
-            cd_k=f["cd_k"], learning_rate=f["learning_rate"], epochs=f["epochs"], batch_size=r["batch_size"]
-        )
+    if config.finetune.epochs > 0:
+        ft_settings = config.finetune.cd_settings(config.rbm.batch_size)
         finetuned = fine_tune(
             dbn, images, ft_settings, generator, _timed(report("finetune"), epoch_log["finetune"]),
             epoch_metrics=curve("finetune", lambda model, g: curve_dbn_bound(model, h1_bias, g)),

@@ -35,9 +35,9 @@ def _lazy(module: str, function: str) -> Handler:
 def _run(args: argparse.Namespace) -> int:
     """`run` accepts study configs too (their study keys are checked, then unused)."""
     from rbm_study.core.commands import run_command
-    from rbm_study.study.config import FULL_KEYS
+    from rbm_study.study.config import StudyConfig
 
-    return run_command(args, FULL_KEYS)
+    return run_command(args, StudyConfig)
 
 
 def version_text() -> str:

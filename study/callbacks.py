@@ -60,7 +60,7 @@ class DatabaseCallback(Callback):
     def __init__(self, storage: StudyStorage, info: StudyInfo, study: StudyConfig, searcher: StudySearch):
         self.storage, self.info, self.study, self.searcher = storage, info, study, searcher
         self.searched = [p.key for p in study.params]
-        self.asha = study.config["search"]["scheduler"] == "asha"
+        self.asha = study.search.scheduler == "asha"
         self.rows: dict[str, int] = {}  # Ray trial id -> database row id
         self.nodes: dict[str, str] = {}
         self.final: dict[str, TrialMessage] = {}  # the final/failed message, until the trial completes
@@ -94,7 +94,7 @@ class DatabaseCallback(Callback):
         params = trial_params(trial.config, self.searched)
         row = self.storage.start_trial(
             self.info.id, ray_trial_id=trial.trial_id, optuna_trial_number=self.searcher.optuna_number(trial.trial_id),
-            params=params, config=self.study.lab_config(params),
+            params=params, config=self.study.lab_config(params).to_dict(),
         )
         self.rows[trial.trial_id] = row.id
         self.nodes.pop(trial.trial_id, None)

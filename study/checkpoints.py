@@ -39,6 +39,8 @@ import logging
 import uuid
 from typing import Any
 
+from rbm_study.core.config import LabConfig
+
 log = logging.getLogger(__name__)
 
 STORE_NAME = "rbm_study_checkpoints"
@@ -49,11 +51,11 @@ _TIMEOUT_S = 60.0
 EpochRow = tuple[str, int, dict[str, float]]  # stage, epoch (from 1), that epoch's metrics
 
 
-def config_key(lab: dict) -> str:
+def config_key(lab: LabConfig) -> str:
     """SHA-256 hex of a lab config as canonical JSON, `device` resolved (see the module docstring)."""
     from rbm_study.core.pipeline import resolve_device
 
-    resolved = {**lab, "device": resolve_device(lab["device"]).type}
+    resolved = {**lab.to_dict(), "device": resolve_device(lab.device).type}
     text = json.dumps(resolved, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -1,9 +1,8 @@
-"""The study's own config keys (search.*, objective.*, resources.*) and the search-space check.
+"""A study's config: a lab config (`core.config.LabConfig`, what `rbm-study run` takes) plus the
+sections `search`, `objective` and `resources`, so the same YAML runs as one trial or as a study.
 
-A study config is a lab config (`core.config.LAB_KEYS`, what `rbm-study run` takes) plus the keys
-below, so the same YAML runs as one trial or as a study. Everything is validated before Ray or the
-database is touched: a bad key or search space must cost the user one line and exit code 2, not a
-half-created study.
+Everything is validated before Ray or the database is touched: a bad key or search space must cost
+the user one line and exit code 2, not a half-created study.
 
 Search-space entries are keyed by the dotted lab key they vary and take one of these forms:
 
@@ -17,106 +16,125 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field
 
 from rbm_study.core.config import (
-    LAB_KEYS,
     ConfigError,
-    Key,
-    Schema,
-    boolean,
-    choice,
+    LabConfig,
+    Number,
+    Section,
+    check_value,
     get_dotted,
-    integer,
+    keys,
     load_config,
-    mapping,
     merge,
-    number,
-    optional_integer,
     set_dotted,
+    validate,
 )
+from rbm_study.core.metrics import EPOCH_METRICS, FINAL_METRICS, STAGES
 
-SAMPLERS = ("tpe", "grid", "random")
-SCHEDULERS = ("fifo", "asha")
-# The final metrics `core.pipeline.run_lab` produces; an objective must be one of them.
-_STAGES = ("rbm", "dbn", "finetune")
-FINAL_METRICS = frozenset(
-    [f"{s}.{split}.{m}" for s in _STAGES for split in ("val", "test")
-     for m in ("recon_error", "log_likelihood", "log_likelihood_low", "log_likelihood_high",
-               "log_likelihood_stderr")]
-    + [f"{s}.test.{m}" for s in _STAGES
-       for m in ("log_likelihood_raise", "log_likelihood_raise_stderr", "log_likelihood_raise_gap",
-                 "log_likelihood_raise_gap_stderr")]
-    + [f"rbm.{split}.pseudo_log_likelihood" for split in ("val", "test")]
-    + ["rbm.free_energy_gap"]
-    + [f"{s}.{m}" for s in _STAGES for m in ("log_z", "log_z_low", "log_z_high", "log_z_sd", "seconds_per_epoch",
-                                             "ais_seconds", "raise_seconds", "curve_seconds")]
-    + ["final.val.log_likelihood", "final.test.log_likelihood"]
-)
+STUDY_SECTIONS = ("search", "objective", "resources")
 
 
-def _metric_names(key: str, value: Any) -> str | list[str]:
+def _final_metrics(value: str | list[str]) -> str | list[str]:
     names = value if isinstance(value, list) else [value]
-    if not names or not all(isinstance(n, str) for n in names):
-        raise ConfigError(f"{key} must be a metric name or a list of them, got {value!r}")
+    if not names:
+        raise ValueError("objective.metric must be a metric name or a list of them, got []")
     for name in names:
         if name not in FINAL_METRICS:
-            raise ConfigError(
-                f"{key}: unknown metric {name!r}; use a final metric such as final.val.log_likelihood, "
+            raise ValueError(
+                f"objective.metric: unknown metric {name!r}; use a final metric such as final.val.log_likelihood, "
                 "rbm.val.log_likelihood, rbm.val.recon_error"
             )
     if len(set(names)) != len(names):
-        raise ConfigError(f"{key} names a metric twice: {value!r}")
+        raise ValueError(f"objective.metric names a metric twice: {value!r}")
     return value
 
 
-def _modes(key: str, value: Any) -> str | list[str]:
-    modes = value if isinstance(value, list) else [value]
-    if not modes or any(m not in ("max", "min") for m in modes):
-        raise ConfigError(f"{key} must be max or min (or a list of them, one per metric), got {value!r}")
-    return value
-
-
-def _optional_seed(key: str, value: Any) -> int | None:
-    return None if value is None else integer(0)(key, value)
-
-
-STUDY_KEYS = Schema(
-    {
-        "search.num_samples": Key(1, integer(1)),
-        "search.space": Key({}, mapping),
-        "search.sampler": Key("tpe", choice(*SAMPLERS)),
-        "search.seed": Key(None, _optional_seed),
-        "search.max_concurrent": Key(None, optional_integer(1)),
-        "search.scheduler": Key("fifo", choice(*SCHEDULERS)),
-        "search.asha.metric": Key("val_recon_error", lambda k, v: _epoch_metric(k, v)),
-        "search.asha.mode": Key("min", choice("max", "min")),
-        "search.asha.grace_period": Key(1, integer(1)),
-        "search.asha.reduction_factor": Key(3, integer(2)),
-        "objective.metric": Key("final.val.log_likelihood", _metric_names),
-        "objective.mode": Key("max", _modes),
-        "resources.cpus_per_trial": Key(1.0, number(0.0, strict=True)),
-        "resources.gpus_per_trial": Key(0.0, number(0.0)),
-        "resources.num_cpus": Key(None, optional_integer(1)),
-        "resources.max_failures": Key(2, integer(0)),
-        "resources.progress": Key(True, boolean),
-    }
-)
-FULL_KEYS = LAB_KEYS.extend(STUDY_KEYS.keys)
-
-# Per-epoch metric names (`core.pipeline`), as each tune.report carries them (see study.trainable).
-EPOCH_METRICS = ("train_recon_error", "seconds", "val_recon_error", "val_pseudo_log_likelihood", "free_energy_gap",
-                 "val_log_likelihood", "curve_seconds")
-
-
-def _epoch_metric(key: str, value: Any) -> str:
-    stage_names = {f"{s}.{m}" for s in _STAGES for m in EPOCH_METRICS}
+def _epoch_metric(value: str) -> str:
+    stage_names = {f"{s}.{m}" for s in STAGES for m in EPOCH_METRICS}
     if value not in set(EPOCH_METRICS) | stage_names:
-        raise ConfigError(
-            f"{key} must be a per-epoch metric ({', '.join(EPOCH_METRICS)}, or stage-prefixed such as "
-            f"rbm.val_pseudo_log_likelihood), got {value!r}"
+        raise ValueError(
+            f"search.asha.metric must be a per-epoch metric ({', '.join(EPOCH_METRICS)}, or stage-prefixed "
+            f"such as rbm.val_pseudo_log_likelihood), got {value!r}"
         )
     return value
+
+
+Mode = Literal["max", "min"]
+
+
+class AshaConfig(Section):
+    """ASHA's early stopping, on a per-epoch metric (time: the epoch across stages)."""
+
+    metric: Annotated[str, AfterValidator(_epoch_metric)] = "val_recon_error"
+    mode: Mode = "min"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+
+
+class SearchConfig(Section):
+    num_samples: int = Field(1, ge=1)  # trials in the study
+    space: dict[str, Any] = Field(default_factory=dict)  # dotted lab key -> values (module docstring)
+    sampler: Literal["tpe", "grid", "random"] = "tpe"
+    seed: int | None = Field(None, ge=0)  # the sampler's seed
+    max_concurrent: int | None = Field(None, ge=1)  # None: as many trials as the cluster fits
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    asha: AshaConfig = AshaConfig()
+
+
+class ObjectiveConfig(Section):
+    metric: Annotated[str | list[str], AfterValidator(_final_metrics)] = "final.val.log_likelihood"
+    mode: Mode | list[Mode] = "max"  # one, or one per metric
+
+    @property
+    def metrics(self) -> list[str]:
+        return self.metric if isinstance(self.metric, list) else [self.metric]
+
+    @property
+    def modes(self) -> list[str]:
+        return self.mode if isinstance(self.mode, list) else [self.mode] * len(self.metrics)
+
+
+class ResourcesConfig(Section):
+    cpus_per_trial: Number = Field(1.0, gt=0)
+    gpus_per_trial: Number = Field(0.0, ge=0)
+    num_cpus: int | None = Field(None, ge=1)  # local Ray's CPUs (None: the machine's)
+    max_failures: int = Field(2, ge=0)  # retries of a failed trial
+    progress: bool = True  # the live status line
+
+
+class StudyConfig(LabConfig):
+    """A study: the lab tasks' settings, what to search, what to optimise, what each trial gets."""
+
+    search: SearchConfig = SearchConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @property
+    def params(self) -> list[Param]:
+        return parse_space(self.search.space)
+
+    @property
+    def num_samples(self) -> int:
+        return self.search.num_samples
+
+    @property
+    def metrics(self) -> list[str]:
+        return self.objective.metrics
+
+    @property
+    def modes(self) -> list[str]:
+        return self.objective.modes
+
+    def lab_config(self, params: dict[str, Any] | None = None) -> LabConfig:
+        """The config one trial runs with: the lab sections, with the trial's searched values set."""
+        lab = {section: value for section, value in self.to_dict().items() if section not in STUDY_SECTIONS}
+        for key, value in (params or {}).items():
+            set_dotted(lab, key, value)
+        return validate(LabConfig, lab)
 
 
 @dataclass(frozen=True)
@@ -149,14 +167,17 @@ _SPACE_FIELDS = {"type", "low", "high", "log", "step", "values"}
 def parse_space(space: dict) -> list[Param]:
     """Check every entry against the lab key it varies; ConfigError names the key."""
     params: list[Param] = []
-    study_only = set(STUDY_KEYS.keys)
+    lab_keys = keys(LabConfig)
     for key, spec in space.items():
         where = f"search.space.{key}"
-        if key in study_only:
+        if key in keys(StudyConfig) and key not in lab_keys:
             raise ConfigError(f"{where}: study settings cannot be searched; search a lab key such as rbm.cd_k")
-        if key not in LAB_KEYS.keys:
-            raise ConfigError(f"{where}: unknown config key {key!r}; known keys: {', '.join(LAB_KEYS.keys)}")
-        check = LAB_KEYS.keys[key].check
+        if key not in lab_keys:
+            raise ConfigError(f"{where}: unknown config key {key!r}; known keys: {', '.join(lab_keys)}")
+
+        def check(where: str, value: Any, key: str = key) -> Any:
+            return check_value(LabConfig, key, value, where)
+
         if isinstance(spec, list):
             spec = {"type": "categorical", "values": spec}
         if not isinstance(spec, dict):
@@ -211,70 +232,26 @@ def _range_param(where: str, key: str, kind: str, spec: dict, check) -> Param:
     return Param(key, kind, low=low, high=high, log=log, step=step)
 
 
-@dataclass(frozen=True)
-class StudyConfig:
-    """A validated study config and the facts derived from it."""
-
-    config: dict  # the whole nested config (lab + study keys)
-    params: list[Param]
-
-    @property
-    def num_samples(self) -> int:
-        return self.config["search"]["num_samples"]
-
-    @property
-    def metrics(self) -> list[str]:
-        metric = self.config["objective"]["metric"]
-        return metric if isinstance(metric, list) else [metric]
-
-    @property
-    def modes(self) -> list[str]:
-        mode = self.config["objective"]["mode"]
-        return mode if isinstance(mode, list) else [mode] * len(self.metrics)
-
-    def lab_config(self, params: dict[str, Any] | None = None) -> dict:
-        """The config one trial runs with: lab keys only, with the trial's searched values set."""
-        lab = {section: value for section, value in _copy(self.config).items() if section not in STUDY_SECTIONS}
-        for key, value in (params or {}).items():
-            set_dotted(lab, key, value)
-        return LAB_KEYS.validate(lab)
-
-
-STUDY_SECTIONS = ("search", "objective", "resources")
-
-
-def _copy(config: dict) -> dict:
-    import copy
-
-    return copy.deepcopy(config)
-
-
-def check_study_config(config: dict) -> StudyConfig:
-    """Cross-key checks that a single key's check cannot do."""
-    FULL_KEYS.validate(config)
-    params = parse_space(config["search"]["space"])
-    metric, mode = config["objective"]["metric"], config["objective"]["mode"]
-    metrics = metric if isinstance(metric, list) else [metric]
+def check_study_config(study: StudyConfig) -> StudyConfig:
+    """Cross-key checks that a single key's check cannot do; ConfigError names the keys."""
+    params = study.params
+    metrics, mode = study.metrics, study.objective.mode
     if isinstance(mode, list) and len(mode) != len(metrics):
         raise ConfigError(f"objective.mode lists {len(mode)} modes for {len(metrics)} metrics in objective.metric")
-    search = config["search"]
-    if search["sampler"] == "grid":
+    search = study.search
+    if search.sampler == "grid":
         if not params:
             raise ConfigError("search.sampler grid needs a search.space to enumerate")
         size = math.prod(len(p.grid_values()) for p in params)
-        if search["num_samples"] > size:
+        if search.num_samples > size:
             raise ConfigError(
-                f"search.num_samples is {search['num_samples']} but the grid of search.space has only "
+                f"search.num_samples is {search.num_samples} but the grid of search.space has only "
                 f"{size} points; set search.num_samples <= {size}"
             )
-    if search["scheduler"] == "asha" and len(metrics) > 1:
+    if search.scheduler == "asha" and len(metrics) > 1:
         raise ConfigError("search.scheduler asha works with one objective.metric, not several")
-    if config["resources"]["gpus_per_trial"] > 0 and config["device"] == "cpu":
+    if study.resources.gpus_per_trial > 0 and study.device == "cpu":
         raise ConfigError("resources.gpus_per_trial > 0 but device is cpu; set device: auto or cuda")
-    study = StudyConfig(config, params)
-    study.lab_config()  # the fixed part must be a valid lab config on its own
-    for p in params:  # and so must every searched value (checked above per key)
-        get_dotted(study.config, p.key)
     return study
 
 
@@ -283,18 +260,18 @@ def check_study_config(config: dict) -> StudyConfig:
 _ADDED_OFF = {"eval.raise_images": 0}
 
 
-def stored_config(config: dict) -> dict:
-    """A study's config as the database holds it, completed for this release: keys added since it
-    was stored take their defaults, except `_ADDED_OFF`, which keep the older behaviour."""
-    completed = merge(FULL_KEYS.defaults(), _copy(config))
+def stored_config(config: dict) -> StudyConfig:
+    """A study's config as the database holds it, read by this release: keys added since it was
+    stored take their defaults, except `_ADDED_OFF`, which keep the older behaviour."""
+    completed = merge({}, config)
     for key, value in _ADDED_OFF.items():
         try:
             get_dotted(config, key)
         except (KeyError, TypeError):
             set_dotted(completed, key, value)
-    return completed
+    return check_study_config(validate(StudyConfig, completed))
 
 
 def load_study_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
-    """Defaults, YAML, `--set` overrides; validated, search space included."""
-    return check_study_config(load_config(path, overrides, FULL_KEYS))
+    """The YAML file, then `--set` overrides; validated, search space and cross-key checks included."""
+    return check_study_config(load_config(path, overrides, StudyConfig))

@@ -37,8 +37,9 @@ from typing import Any
 
 from rbm_study.core.data import ENV_VAR as MNIST_ENV
 from rbm_study.core.errors import UserError
+from rbm_study.core.metrics import STAGES
 from rbm_study.study import lease
-from rbm_study.study.config import STUDY_SECTIONS, StudyConfig, check_study_config, stored_config
+from rbm_study.study.config import StudyConfig, stored_config
 from rbm_study.study.storage import FINISHED_STATES, StudyInfo, StudyStorage
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,8 @@ def start_ray(address: str | None, study: StudyConfig) -> str:
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise UserError(f"cannot join the Ray cluster at {address}: {err}".splitlines()[0]) from None
         return f"cluster at {address}"
-    cpus = study.config["resources"]["num_cpus"] or os.cpu_count() or 1
-    gpus = None if study.config["resources"]["gpus_per_trial"] > 0 else 0
+    cpus = study.resources.num_cpus or os.cpu_count() or 1
+    gpus = None if study.resources.gpus_per_trial > 0 else 0
     ray.init(
         address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
         _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING,
@@ -116,13 +117,13 @@ def trial_slots(study: StudyConfig) -> int:
     import ray
 
     res = ray.cluster_resources()
-    r = study.config["resources"]
-    slots = math.floor(res.get("CPU", 1) / r["cpus_per_trial"] + 1e-9)
-    if r["gpus_per_trial"] > 0:
-        slots = min(slots, math.floor(res.get("GPU", 0) / r["gpus_per_trial"] + 1e-9))
+    r = study.resources
+    slots = math.floor(res.get("CPU", 1) / r.cpus_per_trial + 1e-9)
+    if r.gpus_per_trial > 0:
+        slots = min(slots, math.floor(res.get("GPU", 0) / r.gpus_per_trial + 1e-9))
         if slots < 1:
             raise UserError(
-                f"resources.gpus_per_trial is {r['gpus_per_trial']} but the Ray cluster has "
+                f"resources.gpus_per_trial is {r.gpus_per_trial} but the Ray cluster has "
                 f"{res.get('GPU', 0)} GPUs"
             )
     return max(1, slots)
@@ -132,10 +133,10 @@ def _max_training_iterations(study: StudyConfig) -> int:
     """Upper bound of epochs a trial reports (ASHA's max_t), searched epochs included."""
     total = 0
     by_key = {p.key: p for p in study.params}
-    for stage in ("rbm", "dbn", "finetune"):
+    for stage in STAGES:
         p = by_key.get(f"{stage}.epochs")
         if p is None:
-            total += study.config[stage]["epochs"]
+            total += getattr(study, stage).epochs
         else:
             total += int(max(p.values) if p.kind == "categorical" else p.high)
     return max(1, total)
@@ -147,24 +148,25 @@ def _finished(storage: StudyStorage, study_id: int) -> int:
     return sum(counts[s] for s in FINISHED_STATES)
 
 
-def _absolute_data_paths(study: StudyConfig) -> None:
+def _absolute_data_paths(study: StudyConfig) -> StudyConfig:
     """Trials run in Ray's own working directory, so a relative MNIST path (from $MNIST_ROOT or
     data.root, meant relative to where the user typed the command) is made absolute here. Workers
     that Ray starts locally inherit the environment; remote workers keep their own MNIST_ROOT."""
     env = os.environ.get(MNIST_ENV)
     if env and not Path(env).is_absolute():
         os.environ[MNIST_ENV] = str(Path(env).resolve())
-    root = study.config["data"]["root"]
+    root = study.data.root
     if root and not Path(root).is_absolute():
-        study.config["data"]["root"] = str(Path(root).resolve())
+        return study.with_values({"data.root": str(Path(root).resolve())})
+    return study
 
 
 def launch(db: Path, study: StudyConfig, name: str, address: str | None, progress: bool = True) -> int:
-    _absolute_data_paths(study)
+    study = _absolute_data_paths(study)
     storage = StudyStorage(db, create=True)
     claim = lease.this_driver()
     info = storage.create_study(
-        name, study.config, study.num_samples, ",".join(study.metrics), ",".join(study.modes), code_version(), claim
+        name, study.to_dict(), study.num_samples, ",".join(study.metrics), ",".join(study.modes), code_version(), claim
     )
     print(f"study {name}: {study.num_samples} trials, objective {', '.join(study.metrics)}; database {db}")
     return run_study(storage, info, study, address, lease.adopt(storage, info.id, claim), progress)
@@ -178,8 +180,7 @@ def resume(db: Path, name: str | None, address: str | None, progress: bool = Tru
         print(f"  taking over from the driver on {dead.host} (pid {dead.pid}), silent since "
               f"{dead.heartbeat_at:%H:%M:%S} UTC")
     try:
-        study = check_study_config(stored_config(info.config))
-        _absolute_data_paths(study)
+        study = _absolute_data_paths(stored_config(info.config))
         done = _finished(storage, info.id)
     except BaseException:
         held.release()
@@ -234,7 +235,7 @@ def _run_remaining(storage: StudyStorage, info: StudyInfo, study: StudyConfig, a
 
     started = time.perf_counter()
     try:
-        slots = study.config["search"]["max_concurrent"] or trial_slots(study)
+        slots = study.search.max_concurrent or trial_slots(study)
         print(f"  {remaining} trial(s) to run on {where}, up to {slots} at a time")
         seed = storage.checkpoints_for_interrupted(info.id)
         store = start_store(seed)  # held until Tune is done: the trials look it up by name
@@ -242,27 +243,22 @@ def _run_remaining(storage: StudyStorage, info: StudyInfo, study: StudyConfig, a
             print(f"  {len(seed)} interrupted trial config(s) carry on from their last stage checkpoint")
         searcher = StudySearch(study, info.name, optuna_storage(storage.url))
         callbacks: list = [DatabaseCallback(storage, info, study, searcher)]
-        if progress and study.config["resources"]["progress"]:
+        if progress and study.resources.progress:
             callbacks.append(ProgressCallback(storage, info))
-        r = study.config["resources"]
         trainable = tune.with_resources(
-            tune.with_parameters(
-                run_trial,
-                study_config={k: v for k, v in study.config.items() if k not in STUDY_SECTIONS or k == "resources"},
-                searched=[p.key for p in study.params],
-            ),
-            {"cpu": r["cpus_per_trial"], "gpu": r["gpus_per_trial"]},
+            tune.with_parameters(run_trial, study_config=study.to_dict(), searched=[p.key for p in study.params]),
+            {"cpu": study.resources.cpus_per_trial, "gpu": study.resources.gpus_per_trial},
         )
         scheduler = None
-        if study.config["search"]["scheduler"] == "asha":
-            a = study.config["search"]["asha"]
+        if study.search.scheduler == "asha":
+            a = study.search.asha
             # Time is the epoch across stages (`lab_epoch`, see study.trainable): checkpoint and final
             # results carry none, so they are no step, and a resumed trial's epochs keep their count.
             # A trial that reaches max_t ends by itself, with its final result (Tune stopping it
             # there would lose that result and count a finished trial as pruned).
             scheduler = tune.schedulers.ASHAScheduler(
-                time_attr="lab_epoch", metric=a["metric"], mode=a["mode"], grace_period=a["grace_period"],
-                reduction_factor=a["reduction_factor"], max_t=_max_training_iterations(study),
+                time_attr="lab_epoch", metric=a.metric, mode=a.mode, grace_period=a.grace_period,
+                reduction_factor=a.reduction_factor, max_t=_max_training_iterations(study),
                 stop_last_trials=False,
             )
         tuner = tune.Tuner(
@@ -274,7 +270,7 @@ def _run_remaining(storage: StudyStorage, info: StudyInfo, study: StudyConfig, a
             run_config=tune.RunConfig(
                 name=f"{_safe(info.name)}-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=str(ray_storage_path(storage.path)),
-                failure_config=tune.FailureConfig(max_failures=r["max_failures"]),
+                failure_config=tune.FailureConfig(max_failures=study.resources.max_failures),
                 callbacks=callbacks,
                 stop=LeaseLostStopper(held.lost),
                 verbose=0,

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from rbm_study.core.metrics import STAGES
 from rbm_study.study import lease
 from rbm_study.study.storage import FINISHED_STATES, TRIAL_STATES, StudyInfo, StudyStorage, TrialInfo
 
 
 def trial_epochs(study: StudyInfo, trial: TrialInfo) -> dict[str, int]:
-    """Epochs per stage of one trial: the study's, unless the trial searched them."""
+    """Epochs per stage of one trial: the study's, unless the trial searched them.
+
+    `status` reads the stored config as the mapping it is, without validating it into a
+    `StudyConfig`: that would load pydantic and torch, and `status` must answer at once."""
     config = study.config
     return {
         stage: int(trial.params.get(f"{stage}.epochs", config.get(stage, {}).get("epochs", 0)))
-        for stage in ("rbm", "dbn", "finetune")
+        for stage in STAGES
     }
 
 
@@ -74,7 +78,7 @@ def render_status(storage: StudyStorage, name: str | None) -> str:
         + (f", finished {study.finished_at:%Y-%m-%d %H:%M:%S} UTC" if study.finished_at else ""),
         f"  {lease.describe(driver, study.status)}",
         f"  objective {study.objective_metric} ({study.objective_mode}); sampler "
-        f"{study.config['search']['sampler']}; code {study.code_version}",
+        f"{study.config.get('search', {}).get('sampler', 'tpe')}; code {study.code_version}",
         "  " + summary_line(study, trials),
     ]
     if trials:

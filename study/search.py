@@ -56,11 +56,10 @@ def distributions(params: list[Param]) -> dict[str, BaseDistribution]:
 
 
 def make_sampler(study: StudyConfig) -> BaseSampler:
-    search = study.config["search"]
-    seed = search["seed"]
-    if search["sampler"] == "grid":
+    seed = study.search.seed
+    if study.search.sampler == "grid":
         return _StudyGridSampler({p.key: p.grid_values() for p in study.params}, seed=seed)
-    if search["sampler"] == "random":
+    if study.search.sampler == "random":
         return RandomSampler(seed=seed)
     return TPESampler(seed=seed)
 

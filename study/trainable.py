@@ -31,7 +31,9 @@ import socket
 import traceback
 from typing import Any
 
+from rbm_study.core.config import validate
 from rbm_study.core.errors import UserError
+from rbm_study.core.metrics import STAGES
 from rbm_study.study.checkpoints import EpochRow, config_key, find_store, pack, send_blob, store_get, store_put, unpack
 from rbm_study.study.config import StudyConfig
 from rbm_study.study.messages import TrialMessage
@@ -59,10 +61,10 @@ def run_trial(config: dict[str, Any], study_config: dict | None = None, searched
     import torch
     from ray import tune
 
-    from rbm_study.core.pipeline import STAGES, LabCheckpoint, run_lab
+    from rbm_study.core.pipeline import LabCheckpoint, run_lab
 
-    study = StudyConfig(study_config or {}, [])
-    cpus = study.config.get("resources", {}).get("cpus_per_trial", 1)
+    study = validate(StudyConfig, study_config or {})
+    cpus = study.resources.cpus_per_trial
     # the most threads the trial uses: training epochs drop to one thread whenever that is faster,
     # e.g. while another process holds one of the cores (core.threads.AdaptiveThreads)
     torch.set_num_threads(max(1, int(cpus)))
@@ -89,7 +91,7 @@ def run_trial(config: dict[str, Any], study_config: dict | None = None, searched
         lab = study.lab_config(params)
         key = config_key(lab)
         for i, stage in enumerate(STAGES):
-            offsets[stage] = sum(lab[s]["epochs"] for s in STAGES[:i])
+            offsets[stage] = sum(getattr(lab, s).epochs for s in STAGES[:i])
         resume_from = _resume_point(store_get(store, key))
         resumed_after = 0
         if resume_from is not None:

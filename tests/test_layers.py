@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[set[str], set[str]]] = {
     "training": ({"core.train", "core.greedy", "core.finetune"}, {"base", "models", "sampling", "data"}),
     "evaluation": ({"core.evaluate"}, {"base", "models", "sampling"}),
     "lab": (
-        {"core.labfiles", "core.config", "core.pipeline", "core.commands"},
+        {"core.labfiles", "core.config", "core.metrics", "core.pipeline", "core.commands"},
         {"base", "models", "sampling", "data", "training", "evaluation"},
     ),
     "study": ({"study"}, {"base", "models", "sampling", "data", "training", "evaluation", "lab"}),

@@ -10,6 +10,7 @@ file. Also usable by hand: `python -m tests.analysis.builddb OUT.db`.
 from __future__ import annotations
 
 import copy
+import gc
 import sys
 from pathlib import Path
 
@@ -47,12 +48,11 @@ def train_all(ks=(1, 2), seeds=(0, 1), mnist_root: str | None = None) -> list[di
     from rbm_study.core.pipeline import run_lab
 
     base = load_config(None, TINY + ([f"data.root={mnist_root}"] if mnist_root else []))
-    data = load_mnist(base["data"]["root"], "cpu", base["data"]["val_size"], base["data"]["subset"])
+    data = load_mnist(base.data.root, "cpu", base.data.val_size, base.data.subset)
     runs = []
     for k in ks:
         for seed in seeds:
-            config = copy.deepcopy(base)
-            config["rbm"]["cd_k"], config["seed"] = k, seed
+            config = base.with_values({"rbm.cd_k": k, "seed": seed})
             epochs: list[tuple[str, int, str, float]] = []
 
             def on_epoch(stage, epoch, values, epochs=epochs):
@@ -61,7 +61,7 @@ def train_all(ks=(1, 2), seeds=(0, 1), mnist_root: str | None = None) -> list[di
             result = run_lab(config, on_epoch=on_epoch, data=data)
             runs.append({
                 "params": {"rbm.cd_k": k, "seed": seed},
-                "config": config,
+                "config": config.to_dict(),
                 "metrics": dict(result.metrics),
                 "epochs": epochs,
                 "weights": result.weight_files(),
@@ -93,7 +93,7 @@ def constructed_run(
     (dotted lab keys, also set in the config); drop: metric names (or name endings such as "_raise")
     to leave out, as an older database would; extra: metrics to add or override."""
     if not _BASE_CONFIG:
-        _BASE_CONFIG.update(load_config(None, TINY))
+        _BASE_CONFIG.update(load_config(None, TINY).to_dict())
     params = {"rbm.cd_k": k, "seed": seed, **(params or {})}
     config = copy.deepcopy(_BASE_CONFIG)
     for key, value in params.items():
@@ -155,7 +155,7 @@ def write_study(
     `sampler`: the study config's search.sampler; the search space is the runs' params' values.
     """
     storage = StudyStorage(path, create=True)  # ours first: Optuna's tables alone make a foreign file
-    config = runs[0]["config"] if runs else load_config(None, TINY)
+    config = runs[0]["config"] if runs else load_config(None, TINY).to_dict()
     search: dict[str, list] = {"rbm.cd_k": [1, 2], "seed": [0, 1]} if not runs else {}
     for run in runs:
         for key, value in run["params"].items():
@@ -196,6 +196,10 @@ def write_study(
     if study_status != "running":
         storage.set_study_status(info.id, study_status)
     storage.close()
+    # Optuna's engine holds a connection until it is collected; closing the last one folds SQLite's
+    # write-ahead log into the file, which must happen here and not, at random, during a later read
+    del ostudy
+    gc.collect()
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def test_search_space_forms(tmp_path):
     }
     assert study.num_samples == 5
     lab = study.lab_config({"rbm.cd_k": 3, "rbm.learning_rate": 0.02})
-    assert (lab["rbm"]["cd_k"], lab["rbm"]["learning_rate"]) == (3, 0.02) and "search" not in lab
+    assert (lab.rbm.cd_k, lab.rbm.learning_rate) == (3, 0.02) and "search" not in lab.to_dict()
 
 
 def test_lab_yaml_is_a_study_of_one_trial():

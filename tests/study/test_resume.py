@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from rbm_study.core import labfiles
+from rbm_study.core.config import LabConfig, validate
 from rbm_study.core.data import load_mnist
-from rbm_study.core.pipeline import STAGES, LabResult, run_lab
+from rbm_study.core.metrics import STAGES
+from rbm_study.core.pipeline import LabResult, run_lab
 from rbm_study.study.storage import StudyStorage
 from tests.study.conftest import (
     MNIST,
@@ -92,10 +94,11 @@ def test_sigkill_then_resume_finishes_exactly_num_samples(tmp_path):
     assert query(db, "PRAGMA integrity_check") == [("ok",)]
 
 
-def _reference_run(lab: dict) -> tuple[LabResult, dict[tuple[str, int, str], float]]:
-    """The trial's config run uninterrupted in this process, as a trial runs it (one torch thread)."""
+def _reference_run(stored: dict) -> tuple[LabResult, dict[tuple[str, int, str], float]]:
+    """The trial's stored config run uninterrupted in this process, as a trial runs it (one torch thread)."""
+    lab = validate(LabConfig, stored)
     epochs: dict[tuple[str, int, str], float] = {}
-    data = load_mnist(MNIST, "cpu", lab["data"]["val_size"], lab["data"]["subset"])
+    data = load_mnist(MNIST, "cpu", lab.data.val_size, lab.data.subset)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # resources.cpus_per_trial, as study.trainable sets it
     try:
