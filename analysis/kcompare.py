@@ -45,6 +45,7 @@ from rbm_study.analysis import figures
 from rbm_study.analysis.figures import FigureFile
 from rbm_study.analysis.html import Document
 from rbm_study.core import evaluate
+from rbm_study.core.metrics import CURVE_METRIC, STAGE_TITLES
 
 NO_DIFFERENCE = "no difference measured at this size"
 Z_SE = 2.0  # standard errors either side of an estimate: about a 95% interval for the test-set mean
@@ -52,7 +53,7 @@ STALL_FACTOR = 3.0  # seconds per epoch above this multiple of the other trials'
 BOOTSTRAP_SAMPLES = 2000
 TREND_SEEDS = 3  # fewer seeds give a bootstrap of a handful of distinct resamples: no interval
 BOOTSTRAP_SEED = 0  # the report is reproducible: the same database gives the same intervals
-STAGES = {"rbm": "RBM", "dbn": "greedy DBN", "finetune": "fine-tuned DBN"}
+STAGES = STAGE_TITLES  # stage -> how the report names it
 # what each stage's test number is, in the sentences
 QUANTITY = {"rbm": "the RBM's test log-likelihood", "dbn": "the greedy DBN's test bound",
             "finetune": "the fine-tuned DBN's test bound"}
@@ -69,7 +70,6 @@ CURVES = [  # (stage, per-epoch metric) drawn as learning curves
     ("finetune", "train_recon_error"),
     ("finetune", "sleep_recognition_error"),
 ]
-CURVE_METRIC = "val_log_likelihood"  # the cheap AIS every eval.curve_every epochs
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
@@ -928,7 +928,7 @@ def samples_per_k(
     names = {"rbm": "RBM", "dbn": "DBN", "finetune": "fine-tuned DBN"}
     for k, trial_id in sorted(representatives.items()):
         mine = samples[samples["trial_id"] == trial_id].set_index("stage")
-        for stage in ("rbm", "dbn", "finetune"):
+        for stage in STAGE_TITLES:
             if stage in mine.index:
                 pv = mine.loc[stage, "pv"][figures.N_CHAINS:]
                 shown = (numbers or {}).get(trial_id, trial_id)
@@ -1000,7 +1000,7 @@ def answer_dbn(trials: pd.DataFrame, samples: pd.DataFrame) -> list[str]:
         by = samples.groupby("stage")[["pixel_entropy", "diversity"]].mean()
         names = {"rbm": "RBM", "dbn": "DBN", "finetune": "fine-tuned DBN"}
         parts = [f"{names[s]} {fmt(by.loc[s, 'pixel_entropy'], 3)} nats per pixel, diversity "
-                 f"{fmt(by.loc[s, 'diversity'])}" for s in ("rbm", "dbn", "finetune") if s in by.index]
+                 f"{fmt(by.loc[s, 'diversity'])}" for s in STAGE_TITLES if s in by.index]
         out.append(
             f"Samples after {figures.GIBBS_STEPS} Gibbs steps from the same start states, averaged over "
             f"{samples['trial_id'].nunique()} trials: " + "; ".join(parts) + ". Pixel entropy measures blur "

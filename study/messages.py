@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("epoch", "checkpoint", "final", "failed")
-STAGES = ("rbm", "dbn", "finetune")
 _PREFIX = "rbm_study."  # every field of ours, so none collides with what Tune adds to a result
 
 
