@@ -440,7 +440,9 @@ def settings_text(trials: pd.DataFrame, configs: dict[int, dict]) -> str:
     r_chains, r_betas, r_images = get("eval.raise_chains"), get("eval.raise_betas"), get("eval.raise_images")
     if _has(trials, "rbm.test.log_likelihood_raise"):
         where = f" on the first {r_images} test images" if r_images else ""
-        parts.append(f"RAISE with {r_chains or '?'} chains x {r_betas or '?'} inverse temperatures{where}")
+        chain_word = "chain" if r_chains == "1" else "chains"
+        parts.append(f"RAISE with {r_chains or '?'} {chain_word} per image x {r_betas or '?'} inverse temperatures"
+                     f"{where}")
     every = get("eval.curve_every")
     if every and every != "0":
         curve = "likelihood curves every " + ("epoch" if every == "1" else f"{every} epochs")

@@ -160,8 +160,8 @@ def test_with_raise_both_estimates_their_gap_and_the_settings_are_reported(tmp_p
             "0.80, AIS above RAISE) (measured image by image on the images RAISE scored)") in text
     assert "For the DBN bounds only AIS's side exists" in text
     assert ("AIS with 100 chains x 14,500 inverse temperatures, 3 repeats (RBM log Z spread between repeats: "
-            "median sd 0.050 nats); RAISE with 10 chains x 1,000 inverse temperatures on the first 1,000 test "
-            "images") in text
+            "median sd 0.050 nats); RAISE with 10 chains per image x 1,000 inverse temperatures on the first "
+            "1,000 test images") in text
     assert "| -119.97 [" in text and "| -120.77 [" in text  # k=1: AIS and RAISE, means over seeds
     assert "| 0.80 |" in text  # their gap per k
     trials_csv = pd.read_csv(tmp_path / "out" / "k_trials.csv")
