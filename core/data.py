@@ -156,7 +156,7 @@ class Binarizer:
     strictly between 0 and 1 (18% of MNIST's), in one vectorised pass: 5x fewer random numbers
     than sampling every minibatch whole. Same distribution, same independence between epochs.
 
-    Making one costs a few passes over the data (~0.3 s for 60,000 MNIST images on a 2-core CPU)
+    Making one costs a few passes over the data (a fraction of one training epoch)
     and memory for the binary copy (a byte a pixel) and the uncertain pixels' indices and
     probabilities (~0.8x the grey data): make one per training run, not per epoch. Samples come
     from `FastBernoulli` (bias <= 2^-17 per pixel); evaluation sets use `binarize_once`.

@@ -11,9 +11,8 @@ training images), which is not theirs to the letter, so the check is a band, not
 - below the published CD-3 figure, less 4.5 nats: CD-1 does not reach what CD-3 and CD-25 buy, so
   a log-likelihood up there would mean an AIS that underestimates log Z (and flatters the model).
 
-Measured on a 2-core Intel machine: -118.5 nats after 100 epochs, log Z 536.36 [536.15, 536.54],
-in under 2 minutes (-120.0 when momentum still ran on the torch path, with other random numbers).
-The same recipe scored about -170 after 10 epochs and -131 after 50: the band needs the training.
+The README ("What the numbers mean") quotes what this run scores. The same recipe scored about
+-170 after 10 epochs and -131 after 50: the band needs the full training.
 """
 
 import pytest
