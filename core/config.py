@@ -75,10 +75,9 @@ class RBMConfig(Section):
                           weight_decay=self.weight_decay)
 
 
-class DBNConfig(Section):
-    """Task 2: the top RBM, trained greedily on the first one's hidden samples."""
+class _UpperStage(Section):
+    """A stage above the first RBM: CD-k (in the top RBM) at its own rate, the RBM's minibatches."""
 
-    hidden_size: int = Field(100, ge=1)
     cd_k: int = Field(2, ge=1)
     learning_rate: Number = Field(0.1, gt=0)
     epochs: int = Field(100, ge=0)
@@ -87,15 +86,16 @@ class DBNConfig(Section):
         return CDSettings(cd_k=self.cd_k, learning_rate=self.learning_rate, epochs=self.epochs, batch_size=batch_size)
 
 
-class FinetuneConfig(Section):
+class DBNConfig(_UpperStage):
+    """Task 2: the top RBM, trained greedily on the first one's hidden samples."""
+
+    hidden_size: int = Field(100, ge=1)
+
+
+class FinetuneConfig(_UpperStage):
     """Task 3: up-down fine-tuning (0 epochs: skipped); CD-k in the top RBM."""
 
-    cd_k: int = Field(2, ge=1)
     learning_rate: Number = Field(0.01, gt=0)
-    epochs: int = Field(100, ge=0)
-
-    def cd_settings(self, batch_size: int) -> CDSettings:
-        return CDSettings(cd_k=self.cd_k, learning_rate=self.learning_rate, epochs=self.epochs, batch_size=batch_size)
 
 
 class EvalConfig(Section):
