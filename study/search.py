@@ -24,11 +24,10 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.samplers import BaseSampler, GridSampler, RandomSampler, TPESampler
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
-from sqlalchemy import make_url
 
 from rbm_study.study import internals
 from rbm_study.study.config import Param, StudyConfig
-from rbm_study.study.storage import TrialInfo, optuna_engine_kwargs
+from rbm_study.study.storage import TrialInfo, optuna_engine_kwargs, without_password
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -72,7 +71,7 @@ class _RDBStorage(optuna.storages.RDBStorage):
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        state["url"] = make_url(state["url"]).set(password=None).render_as_string(hide_password=False)
+        state["url"] = without_password(state["url"])
         return state
 
 

@@ -180,7 +180,7 @@ class Target:
     def without_password(self) -> str:
         """What may be written down (Ray's pickled state): the path, or the URL with no password in it
         (libpq then finds one in PGPASSWORD or ~/.pgpass, where a password belongs)."""
-        return str(self.path) if self.url is None else self.url.set(password=None).render_as_string()
+        return str(self.path) if self.url is None else without_password(self.url)
 
     def scrub(self, text: str) -> str:
         """`text` with this URL's password replaced, for driver errors that might quote it."""
@@ -189,6 +189,12 @@ class Target:
 
     def __str__(self) -> str:
         return self.display
+
+
+def without_password(url: str | URL) -> str:
+    """`url` with no password in it at all (`URL.set` leaves a None field unchanged; rendering with
+    the password hidden writes '***' in its place, which a reconnect would send)."""
+    return make_url(url)._replace(password=None).render_as_string(hide_password=False)
 
 
 def parse_db(db: str | Path | Target) -> Target:
