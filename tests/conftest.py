@@ -167,9 +167,16 @@ class Database:
             con.execute(sql.replace("?", "%s"), params)
 
     def digest(self) -> str:
-        """What the database holds, as a hash: the file's bytes, or every row of every table."""
+        """What the database holds, as a hash of every row of every table (not a file's bytes: SQLite
+        folds its WAL into the file whenever the last connection closes, which writes nothing new)."""
         if self.kind == "sqlite":
-            return hashlib.sha256(Path(self.arg).read_bytes()).hexdigest() if Path(self.arg).exists() else ""
+            if not Path(self.arg).exists():
+                return ""
+            con = sqlite3.connect(f"file:{self.arg}?mode=ro", uri=True, timeout=30)
+            try:
+                return hashlib.sha256("\n".join(con.iterdump()).encode()).hexdigest()
+            finally:
+                con.close()
         tables = [t for (t,) in self.query("SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
                                            "ORDER BY tablename")]
         text = repr([(t, sorted(map(repr, self.query(f'SELECT * FROM "{t}"')))) for t in tables])
