@@ -126,6 +126,7 @@ class DriverInfo:
     started_at: datetime
     heartbeat_at: datetime
     token: str | None
+    seen_at: datetime | None = None  # the database's clock when this was read (`StudyStorage._clock`)
 
 
 @dataclass(frozen=True)
@@ -486,7 +487,7 @@ class StudyStorage:
             with self._write() as s:
                 if s.scalar(select(Study.id).where(Study.name == name)) is not None:
                     raise self._exists(name)
-                t = now()
+                t = self._clock(s)
                 row = Study(
                     name=name, config=config, status="running", num_samples=num_samples,
                     objective_metric=objective_metric, objective_mode=objective_mode, code_version=code_version,
@@ -508,15 +509,25 @@ class StudyStorage:
             return None
         with self._read() as s:
             row = s.get(Driver, study_id)
-            return None if row is None else DriverInfo(row.host, row.pid, row.started_at, row.heartbeat_at, row.token)
+            if row is None:
+                return None
+            return DriverInfo(row.host, row.pid, row.started_at, row.heartbeat_at, row.token, self._clock(s))
+
+    def _clock(self, s: Session) -> datetime:
+        """Now, for the lease's times: on a server, the server's clock (UTC), so that drivers and
+        readers on hosts whose clocks disagree still agree on a heartbeat's age; a file's is this host's."""
+        if not self.target.on_server:
+            return now()
+        return s.scalar(select(func.timezone("UTC", func.clock_timestamp())))
 
     def take_driver(self, study_id: int, claim: DriverClaim, seen: DriverInfo | None) -> bool:
         """Compare-and-swap the lease to `claim`, if the record is still the `seen` one (the caller
         judged it free or dead). False when another process got there first."""
-        t = now()
-        values = {"host": claim.host, "pid": claim.pid, "started_at": t, "heartbeat_at": t, "token": claim.token}
         try:
             with self._write() as s:
+                t = self._clock(s)
+                values = {"host": claim.host, "pid": claim.pid, "started_at": t, "heartbeat_at": t,
+                          "token": claim.token}
                 if seen is None:
                     s.add(Driver(study_id=study_id, **values))
                     return True
@@ -530,7 +541,8 @@ class StudyStorage:
         """The heartbeat; False if the lease is no longer this driver's."""
         with self._write() as s:
             result = s.execute(
-                update(Driver).where(Driver.study_id == study_id, Driver.token == token).values(heartbeat_at=now())
+                update(Driver).where(Driver.study_id == study_id, Driver.token == token)
+                .values(heartbeat_at=self._clock(s))
             )
             return result.rowcount == 1
 
@@ -538,7 +550,7 @@ class StudyStorage:
         with self._write() as s:
             s.execute(
                 update(Driver).where(Driver.study_id == study_id, Driver.token == token)
-                .values(token=None, heartbeat_at=now())
+                .values(token=None, heartbeat_at=self._clock(s))
             )
 
     def get_study(self, name: str | None) -> StudyInfo:

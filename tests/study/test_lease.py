@@ -158,3 +158,24 @@ def test_a_newer_schema_is_refused_and_left_alone(tmp_path):
         with pytest.raises(StorageError, match="newer"):
             StudyStorage(db, readonly=readonly)
     assert _digest(db) == before
+
+
+def test_on_a_server_the_lease_runs_on_the_servers_clock(postgres_server, monkeypatch):
+    """A driver whose host clock is an hour behind still writes fresh heartbeats, and a reader
+    whose clock is off judges them by the server's time."""
+    from rbm_study.study import storage as storage_module
+
+    db = Database("postgresql", postgres_server.create_database())
+    storage, study = _study(db)
+    true_now = storage_module.now
+    monkeypatch.setattr(storage_module, "now", lambda: true_now() - timedelta(hours=1))
+    monkeypatch.setattr(lease, "now", lambda: true_now() + timedelta(hours=1))
+    held, _ = lease.acquire(storage, study, "s")
+    try:
+        record = storage.driver(study)
+        assert abs(record.heartbeat_at - true_now()) < timedelta(seconds=60)
+        assert lease.heartbeat_age(record) < 5 and lease.is_alive(record)
+        with pytest.raises(lease.DriverAliveError):
+            lease.acquire(storage, study, "s")
+    finally:
+        held.release()

@@ -92,8 +92,20 @@ def test_sigkill_then_resume_finishes_exactly_num_samples(tmp_path, db):
     assert query(db, "SELECT COUNT(DISTINCT trial_id) FROM rbm_weights") == [(4,)]
     assert query(db, "SELECT status FROM rbm_studies") == [("completed",)]
     assert StudyStorage(db.arg, readonly=True).integrity_check() == "ok"
+
+    # status, report and export on the finished study, read from the database alone
+    as_json = cli("status", "--db", db.arg, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    document = json.loads(as_json.stdout)
+    assert (document["status"], document["finished"], document["driver"]["alive"]) == ("completed", 4, False)
+    report = cli("report", "--db", db.arg, "--out", str(tmp_path / "report"))
+    assert report.returncode == 0 and (tmp_path / "report" / "index.html").is_file(), report.stderr
+    exported = cli("export", "--db", db.arg, "--trial", "0", "--out", str(tmp_path / "lab"))
+    assert exported.returncode == 0 and (tmp_path / "lab" / "zad1_rbm.th").is_file(), exported.stderr
     if db.server is not None:  # the URL's password is in no output, log or stored row
         texts = [status.stdout, status.stderr, *logs, log.read_text()]
+        texts += [r.stdout + r.stderr for r in (as_json, report, exported)]
+        texts += [(tmp_path / "report" / "report.md").read_text()]
         texts += [repr(row) for row in query(db, "SELECT config, code_version FROM rbm_studies")]
         assert all(db.server.password not in text for text in texts)
         ray_files = [f for f in ray_storage_path(parse_db(db.arg)).rglob("*") if f.is_file()]

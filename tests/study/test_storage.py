@@ -191,3 +191,30 @@ def test_a_multi_objective_study_and_a_long_name(db):
     assert storage.get_study("two").objective_mode == "max,min" == info.objective_mode
     with pytest.raises(StorageError, match="shorter --name"):
         storage.create_study("x" * 201, {}, 1, "m", "max", "v")
+
+
+_CREATE = """
+import sys, time
+from rbm_study.study.storage import StudyStorage
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.001)
+storage = StudyStorage(sys.argv[1], create=True)
+storage.create_study(sys.argv[3], {}, 1, "m", "max", "v")
+print("ok")
+"""
+
+
+def test_two_launches_into_one_empty_server_database_create_one_schema(postgres_server):
+    import subprocess
+    import sys
+    import time
+
+    db = Database("postgresql", postgres_server.create_database())
+    start = str(time.time() + 2.0)
+    procs = [subprocess.Popen([sys.executable, "-c", _CREATE, db.arg, start, name], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    results = [p.communicate(timeout=60) for p in procs]
+    assert [out.strip() for out, _ in results] == ["ok", "ok"], results
+    assert sorted(n for (n,) in db.query("SELECT name FROM rbm_studies")) == ["a", "b"]
+    assert db.query("SELECT key, value FROM rbm_meta ORDER BY key") == [("app", "rbm-study"),
+                                                                         ("schema_version", str(SCHEMA_VERSION))]
