@@ -62,6 +62,7 @@ CONNECT_TIMEOUT_S = 10  # a server that does not answer is refused after this lo
 PG_DRIVER = "postgresql+psycopg"
 SCHEMA_LOCK = 0x7262_6D73  # 'rbms': the advisory lock that serialises creating and migrating our tables
 NAME_LENGTH = Study.__table__.c.name.type.length or 200
+INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL's SQLSTATE for a write the user has no right to
 FINISHED_STATES = ("completed", "failed", "pruned")  # terminal: count toward search.num_samples
 
 
@@ -450,8 +451,16 @@ class StudyStorage:
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        with Session(self.engine) as session, session.begin():
-            yield session
+        try:
+            with Session(self.engine) as session, session.begin():
+                yield session
+        except DBAPIError as err:
+            # A user with read rights only (status and report need no more) gets one line, not a traceback.
+            if getattr(err.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
+                said = self.target.scrub(str(err.orig)).splitlines()[0]
+                raise StorageError(f"{self.display}: this user may not write here ({said}); launch and resume "
+                                   "need write rights on the database, status and report do not") from None
+            raise
 
     @contextmanager
     def _read(self) -> Iterator[Session]:

@@ -218,3 +218,24 @@ def test_two_launches_into_one_empty_server_database_create_one_schema(postgres_
     assert sorted(n for (n,) in db.query("SELECT name FROM rbm_studies")) == ["a", "b"]
     assert db.query("SELECT key, value FROM rbm_meta ORDER BY key") == [("app", "rbm-study"),
                                                                          ("schema_version", str(SCHEMA_VERSION))]
+
+
+def test_a_read_only_user_can_read_and_snapshot_a_server_study(postgres_server):
+    """Another user with SELECT rights only: status and report need nothing more."""
+    from rbm_study.study.storage import snapshot
+
+    db = Database("postgresql", postgres_server.create_database())
+    storage, study = _new(db)
+    storage.start_trial(study.id, ray_trial_id="a", optuna_trial_number=0, params={"x": 1}, config={})
+    storage.close()
+    reader = f"reader_{db.arg.rsplit('/', 1)[1]}"
+    db.execute(f"CREATE ROLE {reader} LOGIN PASSWORD 'readonly-pw'")
+    db.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {reader}")
+    url = db.arg.replace(f"postgres:{postgres_server.password}@", f"{reader}:readonly-pw@")
+    before = db.digest()
+    assert StudyStorage(url, readonly=True).get_study(None).name == "s"
+    with snapshot(url) as copy:
+        assert [t.params for t in copy.trials(copy.get_study("s").id)] == [{"x": 1}]
+    with pytest.raises(StorageError, match=r"may not write here.*permission denied for table rbm_studies"):
+        StudyStorage(url).set_study_status(study.id, "completed")  # a writer needs write rights
+    assert db.digest() == before
