@@ -1,7 +1,8 @@
 """What the report reads: one consistent, read-only snapshot of a study database, as DataFrames.
 
 Everything comes through `study.storage` (`storage.snapshot`: a private copy made in one read
-transaction, so a running study can be reported on and its file is never written), and the same
+transaction, of a file or of a server's database, so a running study can be reported on and its
+database is never written), and the same
 schema-version policy holds as for every other command: an older database is read as it is, a
 newer or foreign one is refused with one line. Here the records become pandas DataFrames, the
 shape the figures and tables want.
@@ -17,14 +18,14 @@ from typing import Any
 import pandas as pd
 
 from rbm_study.core.errors import UserError
-from rbm_study.study.storage import StudyStorage, snapshot
+from rbm_study.study.storage import StudyStorage, parse_db, snapshot
 
 
 @dataclass
 class Snapshot:
     """Everything the report reads, from one consistent state of the database."""
 
-    path: Path
+    path: str  # the database as messages name it: a file path, or a URL with its password hidden
     storage: StudyStorage  # read-only, on the private copy
     meta: dict[str, str]
     studies: pd.DataFrame
@@ -37,7 +38,7 @@ class Snapshot:
 
     @property
     def copy(self) -> Path:
-        return self.storage.path
+        return Path(self.storage.path or "")
 
     # --- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -97,12 +98,14 @@ _TRIAL_COLUMNS = ["id", "study_id", "number", "ray_trial_id", "optuna_trial_numb
                   "node", "attempt", "objective_value", "error", "started_at", "finished_at"]
 
 
-def open_snapshot(path: str | Path) -> Snapshot:
-    """Snapshot the database at `path` and read it into DataFrames; UserError for a missing or foreign file."""
-    path = Path(path)
+def open_snapshot(db: str | Path, name: str | None = None) -> Snapshot:
+    """Snapshot the database `db` (a path or a URL) and read it into DataFrames; UserError for a
+    missing or foreign database. `name`: the study the report is about (a server's snapshot holds
+    the rows of that study only; with no name, of the only one)."""
+    target = parse_db(db)
     exit_stack = ExitStack()
     try:
-        storage = exit_stack.enter_context(snapshot(path))
+        storage = exit_stack.enter_context(snapshot(target, name))
         studies = storage.studies()
         trials, finals, epochs, weights = [], [], [], []
         for study in studies:
@@ -115,7 +118,7 @@ def open_snapshot(path: str | Path) -> Snapshot:
         for column in ("started_at", "finished_at"):
             trial_frame[column] = pd.to_datetime(trial_frame[column], errors="coerce")
         return Snapshot(
-            path=path,
+            path=target.display,
             storage=storage,
             meta=storage.meta(),
             studies=pd.DataFrame([asdict(s) for s in studies], columns=[

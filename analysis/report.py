@@ -76,7 +76,7 @@ def build(
     number (as `status` shows it) whose figures are drawn too; `data_dir`: where MNIST is, for the
     reconstruction figures (see `load_test_digits`)."""
     out = Path(out)
-    with open_snapshot(db) as snap:
+    with open_snapshot(db, name) as snap:
         study = snap.study(name)
         if trial is not None:
             snap.trial(int(study["id"]), trial)
@@ -238,7 +238,7 @@ def _kcomparison(
 def export(db: str | Path, trial: int, out: str | Path, name: str | None = None) -> list[Path]:
     """Write the lab's weight files of trial number `trial` of study `name` into `out`."""
     out = Path(out)
-    with open_snapshot(db) as snap:
+    with open_snapshot(db, name) as snap:
         study = snap.study(name)
         row = snap.trial(int(study["id"]), trial)
         files = snap.weights(int(row["id"]))

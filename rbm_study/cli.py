@@ -58,7 +58,11 @@ class _Version(argparse.Action):
 
 
 def _db_arg(parser: argparse.ArgumentParser, help_text: str = "the study's database") -> None:
-    parser.add_argument("--db", required=True, help=f"{help_text}: a SQLite file path")
+    parser.add_argument(
+        "--db", required=True,
+        help=f"{help_text}: a SQLite file path, or a PostgreSQL URL (postgresql://USER@HOST:PORT/DATABASE; "
+        "keep the password in ~/.pgpass or PGPASSWORD)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """Subcommands `launch`, `resume` and `status`: thin argument handling around `study.driver`.
 
 Everything that can be checked without Ray is checked first (the config and its search space, the
-database file, the study name), so bad input costs one line and exit code 2 and leaves no trace.
+database: a file, or a server that must answer; the study name), so bad input costs one line and
+exit code 2 and leaves no trace.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from pathlib import Path
 def launch_command(args: argparse.Namespace) -> int:
     from rbm_study.study import driver
     from rbm_study.study.config import load_study_config
-    from rbm_study.study.storage import StudyStorage, inspect_file
+    from rbm_study.study.storage import StudyStorage, inspect_db, parse_db
 
     study = load_study_config(args.config, args.set)
+    db = parse_db(args.db)  # a URL of another dialect is refused here
     _check_address(args.address)
     name = args.name or Path(args.config).stem
-    db = Path(args.db)
-    # Refuse a foreign file or an existing name before Ray starts, and before anything is written.
-    if inspect_file(db)[0] == "ours":
+    # Refuse a foreign database, one that does not answer, or an existing name before Ray starts,
+    # and before anything is written.
+    if inspect_db(db)[0] == "ours":
         storage = StudyStorage(db, readonly=True)
         try:
             storage.require_new_name(name)
@@ -31,9 +33,11 @@ def launch_command(args: argparse.Namespace) -> int:
 
 def resume_command(args: argparse.Namespace) -> int:
     from rbm_study.study import driver
+    from rbm_study.study.storage import parse_db
 
+    db = parse_db(args.db)
     _check_address(args.address)
-    return driver.resume(Path(args.db), args.name, args.address, progress=not args.quiet)
+    return driver.resume(db, args.name, args.address, progress=not args.quiet)
 
 
 def _check_address(address: str | None) -> None:
@@ -50,7 +54,7 @@ def status_command(args: argparse.Namespace) -> int:
     from rbm_study.study.progress import render_status, status_document
     from rbm_study.study.storage import StudyStorage
 
-    storage = StudyStorage(Path(args.db), readonly=True)
+    storage = StudyStorage(args.db, readonly=True)
     try:
         if args.json:
             print(json.dumps(status_document(storage, args.name), indent=2, allow_nan=False))

@@ -20,8 +20,9 @@ written in one transaction per event and is therefore always the truth. So every
 Completed trials are thus never re-run, every trial is counted once, and Optuna keeps its whole
 history (interrupted attempts stay in it as FAIL, tagged `rbm_study_interrupted`). A trial that
 Ray retries after its worker died resumes the same way, from the store, which lives on the head
-node. A trial's checkpoint row is deleted once it finishes. Ray's own folder (`<db>.ray/`) only
-holds logs and per-attempt state; deleting it loses nothing a report needs.
+node. A trial's checkpoint row is deleted once it finishes. Ray's own folder (`<db>.ray/` beside a
+file, `~/ray_results/rbm-study/` for a server's database) only holds logs and per-attempt state;
+deleting it loses nothing a report needs.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from rbm_study.core.errors import UserError
 from rbm_study.core.metrics import STAGES
 from rbm_study.study import lease
 from rbm_study.study.config import StudyConfig, stored_config
-from rbm_study.study.storage import FINISHED_STATES, StudyInfo, StudyStorage
+from rbm_study.study.storage import FINISHED_STATES, StudyInfo, StudyStorage, Target
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,13 @@ def code_version() -> str:
     return text
 
 
-def ray_storage_path(db: Path) -> Path:
-    return Path(f"{db.resolve()}.ray")
+def ray_storage_path(db: Target) -> Path:
+    """Ray's folder for a study's database: beside a file; for a server's, under the user's
+    ~/ray_results (one folder per host, port and database)."""
+    if db.url is None:
+        return Path(f"{Path(db.path or '').resolve()}.ray")
+    where = f"{db.url.host or 'localhost'}-{db.url.port or 5432}-{db.url.database}"
+    return Path.home() / "ray_results" / "rbm-study" / _safe(where)
 
 
 # --- Ray ------------------------------------------------------------------------------------------
@@ -161,18 +167,18 @@ def _absolute_data_paths(study: StudyConfig) -> StudyConfig:
     return study
 
 
-def launch(db: Path, study: StudyConfig, name: str, address: str | None, progress: bool = True) -> int:
+def launch(db: Target, study: StudyConfig, name: str, address: str | None, progress: bool = True) -> int:
     study = _absolute_data_paths(study)
     storage = StudyStorage(db, create=True)
     claim = lease.this_driver()
     info = storage.create_study(
         name, study.to_dict(), study.num_samples, ",".join(study.metrics), ",".join(study.modes), code_version(), claim
     )
-    print(f"study {name}: {study.num_samples} trials, objective {', '.join(study.metrics)}; database {db}")
+    print(f"study {name}: {study.num_samples} trials, objective {', '.join(study.metrics)}; database {db.display}")
     return run_study(storage, info, study, address, lease.adopt(storage, info.id, claim), progress)
 
 
-def resume(db: Path, name: str | None, address: str | None, progress: bool = True) -> int:
+def resume(db: Target, name: str | None, address: str | None, progress: bool = True) -> int:
     storage = StudyStorage(db)
     info = storage.get_study(name)
     held, dead = lease.acquire(storage, info.id, info.name)  # refused (exit 2) while a driver lives
@@ -185,7 +191,8 @@ def resume(db: Path, name: str | None, address: str | None, progress: bool = Tru
     except BaseException:
         held.release()
         raise
-    print(f"study {info.name}: {done}/{info.num_samples} trials finished before this resume; database {db}")
+    print(f"study {info.name}: {done}/{info.num_samples} trials finished before this resume; "
+          f"database {db.display}")
     return run_study(storage, info, study, address, held, progress)
 
 
@@ -269,7 +276,7 @@ def _run_remaining(storage: StudyStorage, info: StudyInfo, study: StudyConfig, a
             ),
             run_config=tune.RunConfig(
                 name=f"{_safe(info.name)}-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(ray_storage_path(storage.path)),
+                storage_path=str(ray_storage_path(storage.target)),
                 failure_config=tune.FailureConfig(max_failures=study.resources.max_failures),
                 callbacks=callbacks,
                 stop=LeaseLostStopper(held.lost),
@@ -301,7 +308,7 @@ def _run_remaining(storage: StudyStorage, info: StudyInfo, study: StudyConfig, a
     print(summary_line(info, storage.trials(info.id)))
     print(f"{time.perf_counter() - started:.1f} s in Ray; study {status}")
     if status != "completed":
-        print(f"continue with: rbm-study resume --db {storage.path} --name {info.name}")
+        print(f"continue with: rbm-study resume --db {storage.display} --name {info.name}")
         return 1
     return 0
 

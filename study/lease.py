@@ -10,12 +10,14 @@ counts it alive while
 So a driver killed on this machine is seen dead at once, one on another host after TIMEOUT_S (the
 only sign left there is silence). TIMEOUT_S is six heartbeats: a driver whose heartbeat thread is
 held up by a slow write (SQLite waits up to its busy timeout) or a short stall of the machine is not
-taken over, while a dead one on another host is taken over within half a minute.
+taken over, while a dead one on another host is taken over within half a minute. On PostgreSQL the
+lease's times come from the server's clock (`StudyStorage._clock`), so drivers and readers on
+machines whose clocks disagree still agree on a heartbeat's age.
 
 Taking the lease is a compare-and-swap on the token the taker saw (`StudyStorage.take_driver`), so
 of two `resume`s started at the same instant exactly one wins; the other re-reads the record, finds
-a live driver and is refused. Heartbeat times are UTC from each host's clock: hosts of one cluster
-are assumed to agree to well within TIMEOUT_S.
+a live driver and is refused. With an SQLite file, heartbeat times are UTC from each host's clock:
+hosts that share the file are assumed to agree to well within TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def pid_running(pid: int) -> bool:
 
 
 def heartbeat_age(driver: DriverInfo, at: datetime | None = None) -> float:
-    return max(0.0, ((at or now()) - driver.heartbeat_at).total_seconds())
+    """Seconds since the heartbeat, by the clock that wrote it (the database's, when it was read)."""
+    return max(0.0, ((at or driver.seen_at or now()) - driver.heartbeat_at).total_seconds())
 
 
 def is_alive(driver: DriverInfo | None, at: datetime | None = None) -> bool:

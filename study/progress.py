@@ -72,7 +72,7 @@ def render_status(storage: StudyStorage, name: str | None) -> str:
     driver = storage.driver(study.id)
     alive = lease.is_alive(driver)
     lines = [
-        f"study {study.name} in {storage.path}",
+        f"study {study.name} in {storage.display}",
         f"  status {effective_status(study, alive)}; created {study.created_at:%Y-%m-%d %H:%M:%S} UTC, "
         f"last update {study.updated_at:%Y-%m-%d %H:%M:%S} UTC"
         + (f", finished {study.finished_at:%Y-%m-%d %H:%M:%S} UTC" if study.finished_at else ""),
@@ -106,7 +106,7 @@ def status_document(storage: StudyStorage, name: str | None) -> dict[str, Any]:
     counts = {state: sum(t.state == state for t in trials) for state in TRIAL_STATES}
     return {
         "study": study.name,
-        "database": str(storage.path),
+        "database": storage.display,
         "schema_version": storage.schema_version,
         "status": effective_status(study, alive),
         "num_samples": study.num_samples,

@@ -1,4 +1,4 @@
-"""The SQLite schema of a study database (SQLAlchemy 2 declarative models), and nothing else.
+"""The schema of a study database, SQLite or PostgreSQL (SQLAlchemy 2 declarative models), and nothing else.
 
 One file holds everything a study produces, so that a report needs only the `.db`:
 
@@ -63,7 +63,8 @@ class Study(Base):
     status: Mapped[str] = mapped_column(String(16), default="running")
     num_samples: Mapped[int] = mapped_column(Integer)
     objective_metric: Mapped[str] = mapped_column(String(200))
-    objective_mode: Mapped[str] = mapped_column(String(3))
+    # "max" or, multi-objective, "max,min,...": SQLite ignores a length, PostgreSQL enforces it
+    objective_mode: Mapped[str] = mapped_column(String(200))
     code_version: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)

@@ -1,7 +1,7 @@
 """Optuna behind Ray Tune: samplers, distributions, and the order in which results are told.
 
-Optuna's history lives in the study database (RDBStorage on the same SQLite file, study name =
-ours), so the dashboard and a resume see every trial Optuna ever proposed.
+Optuna's history lives in the study database (RDBStorage on the same SQLite file or PostgreSQL
+database, study name = ours), so the dashboard and a resume see every trial Optuna ever proposed.
 
 Why a subclass of Ray's `OptunaSearch`: Ray tells Optuna a trial's result *before* the Tune
 callbacks run, so a driver killed between the two would leave a trial COMPLETE in Optuna but not
@@ -27,7 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from rbm_study.study import internals
 from rbm_study.study.config import Param, StudyConfig
-from rbm_study.study.storage import TrialInfo
+from rbm_study.study.storage import TrialInfo, optuna_engine_kwargs, without_password
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -64,8 +64,18 @@ def make_sampler(study: StudyConfig) -> BaseSampler:
     return TPESampler(seed=seed)
 
 
+class _RDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage, pickled without the URL's password: Ray Tune writes the searcher (and
+    with it this storage) into its experiment folder, and a password must never land on disk."""
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state["url"] = without_password(state["url"])
+        return state
+
+
 def optuna_storage(url: str) -> optuna.storages.RDBStorage:
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}})
+    return _RDBStorage(url, engine_kwargs=optuna_engine_kwargs(url))
 
 
 def _no_params(_trial: Any) -> None:

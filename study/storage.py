@@ -1,4 +1,4 @@
-"""The study database: the only module that reads or writes it (SQLAlchemy 2, SQLite).
+"""The study database: the only module that reads or writes it (SQLAlchemy 2; SQLite or PostgreSQL).
 
 Shaped like Optuna's storage layer: a `StudyStorage` object with one method per operation, each
 operation one transaction, plain frozen records (`StudyInfo`, `TrialInfo`) going out, so no caller
@@ -10,6 +10,13 @@ Opening is careful about files that are not ours. Before anything is created or 
 an existing file is inspected read-only: not SQLite, SQLite with tables but no `rbm_meta`, or a
 different schema version are all refused with a message, and the file is left byte-for-byte as it
 was (journal_mode=WAL alone would rewrite its header).
+
+`--db` names either an SQLite file (a path) or a PostgreSQL database (a SQLAlchemy URL such as
+`postgresql://user@host:5432/studies`, connected with psycopg 3), parsed once into a `Target`. On a
+server the same rules hold: a database with tables of its own but no `rbm_meta` is refused
+untouched, one that does not answer is refused before anything starts, and several studies (and
+users) share one database by name. Statements are portable SQLAlchemy except where a dialect
+branch says why; a password in a URL is never shown (`Target.display`) nor stored.
 """
 
 from __future__ import annotations
@@ -27,9 +34,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, update
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import URL, Engine, Table, create_engine, event, func, inspect, make_url, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from rbm_study.core.errors import UserError
@@ -51,6 +58,11 @@ from rbm_study.study.schema import (
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 30_000
+CONNECT_TIMEOUT_S = 10  # a server that does not answer is refused after this long
+PG_DRIVER = "postgresql+psycopg"
+SCHEMA_LOCK = 0x7262_6D73  # 'rbms': the advisory lock that serialises creating and migrating our tables
+NAME_LENGTH = Study.__table__.c.name.type.length or 200
+INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL's SQLSTATE for a write the user has no right to
 FINISHED_STATES = ("completed", "failed", "pruned")  # terminal: count toward search.num_samples
 
 
@@ -115,6 +127,7 @@ class DriverInfo:
     started_at: datetime
     heartbeat_at: datetime
     token: str | None
+    seen_at: datetime | None = None  # the database's clock when this was read (`StudyStorage._clock`)
 
 
 @dataclass(frozen=True)
@@ -139,6 +152,144 @@ def _trial_info(row: Trial, last: tuple[str, int] | None = None) -> TrialInfo:
         row.attempt, row.objective_value, row.error, row.started_at, row.finished_at,
         last[0] if last else None, last[1] if last else None, row.study_id, row.config,
     )
+
+
+# --- where the database is --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """Where a study database is: an SQLite file (`path`) or a database on a PostgreSQL server (`url`)."""
+
+    path: Path | None = None
+    url: URL | None = None
+
+    @property
+    def on_server(self) -> bool:
+        return self.url is not None
+
+    @property
+    def display(self) -> str:
+        """For messages and logs: the path, or the URL with its password hidden."""
+        return str(self.path) if self.url is None else self.url.render_as_string(hide_password=True)
+
+    @property
+    def connect_url(self) -> str:
+        """What SQLAlchemy and Optuna connect with (the password included): never print it."""
+        if self.url is None:
+            return f"sqlite:///{Path(self.path or '').resolve()}"
+        return self.url.render_as_string(hide_password=False)
+
+    @property
+    def without_password(self) -> str:
+        """What may be written down (Ray's pickled state): the path, or the URL with no password in it
+        (libpq then finds one in PGPASSWORD or ~/.pgpass, where a password belongs)."""
+        return str(self.path) if self.url is None else without_password(self.url)
+
+    def scrub(self, text: str) -> str:
+        """`text` with this URL's password replaced, for driver errors that might quote it."""
+        secret = self.url.password if self.url is not None else None
+        return text.replace(str(secret), "***") if secret else text
+
+    def __str__(self) -> str:
+        return self.display
+
+
+def without_password(url: str | URL) -> str:
+    """`url` with no password in it at all (`URL.set` leaves a None field unchanged; rendering with
+    the password hidden writes '***' in its place, which a reconnect would send)."""
+    return make_url(url)._replace(password=None).render_as_string(hide_password=False)
+
+
+def parse_db(db: str | Path | Target) -> Target:
+    """`--db` as given: a path (SQLite, also `sqlite:///path`) or a PostgreSQL URL; `postgresql://`
+    and `postgres://` connect through psycopg 3. Any other URL is refused (StorageError)."""
+    if isinstance(db, Target):
+        return db
+    if isinstance(db, Path) or "://" not in db:
+        return Target(path=Path(db))
+    try:
+        url = make_url(db)
+    except ArgumentError:
+        raise StorageError(f"--db {db.split('://')[0]}://... is not a valid database URL; use a SQLite file path "
+                           "or postgresql://USER@HOST:PORT/DATABASE") from None
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    shown = url.render_as_string(hide_password=True)
+    if backend == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise StorageError(f"--db {shown} names no file; use sqlite:///PATH or just PATH")
+        return Target(path=Path(url.database))
+    if backend not in ("postgresql", "postgres"):
+        raise StorageError(f"--db {shown}: {backend} is not supported; use a SQLite file path or "
+                           "postgresql://USER@HOST:PORT/DATABASE")
+    if "+" in url.drivername and driver != "psycopg":
+        raise StorageError(f"--db {shown}: rbm-study connects to PostgreSQL with psycopg 3; write the URL as "
+                           "postgresql://USER@HOST:PORT/DATABASE")
+    if not url.database:
+        raise StorageError(f"--db {shown} names no database; add it: postgresql://USER@HOST:PORT/DATABASE")
+    return Target(url=url.set(drivername=PG_DRIVER))
+
+
+def _server_engine(target: Target, readonly: bool) -> Engine:
+    """An engine on the server; a reader's sessions are read-only on the server's side too."""
+    connect_args: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, "application_name": "rbm-study"}
+    if readonly:
+        given = (target.url.query.get("options") if target.url is not None else None) or ""
+        given = given if isinstance(given, str) else " ".join(given)
+        connect_args["options"] = f"{given} -c default_transaction_read_only=on".strip()
+    # pre-ping: a study outlives server restarts and idle-connection timeouts of the network
+    return create_engine(target.connect_url, connect_args=connect_args, pool_pre_ping=True)
+
+
+def optuna_engine_kwargs(url: str) -> dict[str, Any]:
+    """engine_kwargs for Optuna's RDBStorage on the study database at `url` (a dialect branch)."""
+    if make_url(url).get_backend_name() == "sqlite":
+        return {"connect_args": {"timeout": BUSY_TIMEOUT_MS / 1000}}
+    return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S, "application_name": "rbm-study optuna"},
+            "pool_pre_ping": True}
+
+
+def _server_error(target: Target, err: DBAPIError) -> StorageError:
+    """One line for a server that cannot be used: what it said, without the password."""
+    said = target.scrub(str(err.orig or err)).strip().splitlines()
+    detail = next((line.strip() for line in said if line.strip()), "no answer")
+    return StorageError(
+        f"cannot use the database at {target.display}: {detail}; check the host, port, user and database "
+        "(create it with `createdb`), and that the server is running"
+    )
+
+
+def _inspect_server(engine: Engine, target: Target) -> tuple[str, int]:
+    """The server's counterpart of `inspect_file`: ('new', SCHEMA_VERSION) for a database with no
+    tables, ('ours', its schema version), or StorageError (not answering, or not an rbm-study one)."""
+    try:
+        with engine.connect() as con:
+            tables = set(inspect(con).get_table_names())
+            if not tables:
+                return "new", SCHEMA_VERSION
+            if "rbm_meta" not in tables:
+                shown = ", ".join(sorted(tables)[:6])
+                raise StorageError(
+                    f"{target.display} is a PostgreSQL database but not an rbm-study one (tables: {shown}); "
+                    "it was not changed. Pass a new, empty database (createdb NAME)"
+                )
+            meta = dict(con.execute(select(Meta.key, Meta.value)).all())
+    except DBAPIError as err:
+        raise _server_error(target, err) from None
+    if meta.get("app") != APP_NAME:
+        raise StorageError(f"{target.display} is not an rbm-study database (rbm_meta.app={meta.get('app')!r})")
+    return "ours", schema_version(meta.get("schema_version"), target.display)
+
+
+def inspect_db(db: str | Path | Target) -> tuple[str, int]:
+    """('new', SCHEMA_VERSION) or ('ours', its schema version) for a file or a server database;
+    StorageError otherwise. Read-only: a refused database is not modified."""
+    target = parse_db(db)
+    if target.url is None:
+        return inspect_file(Path(target.path or ""))
+    engine = _server_engine(target, readonly=True)
+    try:
+        return _inspect_server(engine, target)
+    finally:
+        engine.dispose()
 
 
 def inspect_file(path: Path) -> tuple[str, int]:
@@ -198,18 +349,26 @@ def _on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 class StudyStorage:
-    """One study database file. `create=True` makes it when absent; `readonly=True` never writes."""
+    """One study database (a file or a server's). `create=True` makes it when absent; `readonly=True`
+    never writes."""
 
-    def __init__(self, path: str | Path, *, create: bool = False, readonly: bool = False):
-        self.path = Path(path)
+    def __init__(self, db: str | Path | Target, *, create: bool = False, readonly: bool = False):
+        self.target = parse_db(db)
+        self.path: Path | None = self.target.path  # None on a server
         self.readonly = readonly
-        kind, self.schema_version = inspect_file(self.path)
+        if self.target.on_server:
+            self._open_server(create, readonly)
+        else:
+            self._open_file(Path(self.target.path or ""), create, readonly)
+
+    def _open_file(self, path: Path, create: bool, readonly: bool) -> None:
+        kind, self.schema_version = inspect_file(path)
         if kind == "new" and not create:
-            if not self.path.exists():
-                raise StorageError(f"no database at {self.path}; start a study there with `rbm-study launch`")
-            raise StorageError(f"{self.path} holds no rbm-study data yet; start a study with `rbm-study launch`")
+            if not path.exists():
+                raise StorageError(f"no database at {path}; start a study there with `rbm-study launch`")
+            raise StorageError(f"{path} holds no rbm-study data yet; start a study with `rbm-study launch`")
         if kind == "new":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(self.url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
         if readonly:
             event.listen(self.engine, "connect", lambda c, r: c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}"))
@@ -219,41 +378,89 @@ class StudyStorage:
         # every write transaction (DDL of a migration included) all-or-nothing and serialised.
         event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         if kind == "new":
-            with self._write() as s:
-                Base.metadata.create_all(s.connection())
-                s.add_all([Meta(key="app", value=APP_NAME), Meta(key="schema_version", value=str(SCHEMA_VERSION))])
+            self._create_schema()
         elif self.schema_version < SCHEMA_VERSION:
             self._migrate()
+
+    def _open_server(self, create: bool, readonly: bool) -> None:
+        self.engine = _server_engine(self.target, readonly)
+        try:
+            kind, self.schema_version = _inspect_server(self.engine, self.target)
+            if kind == "new" and not create:
+                raise StorageError(
+                    f"{self.display} holds no rbm-study data yet; start a study there with `rbm-study launch`"
+                )
+            if readonly:
+                return
+            if kind == "new":
+                self._create_schema()
+            elif self.schema_version < SCHEMA_VERSION:
+                self._migrate()
+        except DBAPIError as err:
+            self.engine.dispose()
+            raise _server_error(self.target, err) from None
+        except BaseException:
+            self.engine.dispose()
+            raise
+
+    def _lock_schema(self, s: Session) -> None:
+        """Serialise creating and migrating our tables. SQLite's BEGIN IMMEDIATE already does; on a
+        server, two launches into one new database would otherwise both create the tables."""
+        if self.target.on_server:
+            s.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
+
+    def _create_schema(self) -> None:
+        with self._write() as s:
+            self._lock_schema(s)
+            if "rbm_meta" in inspect(s.connection()).get_table_names():
+                return  # another process created them while this one waited for the lock
+            Base.metadata.create_all(s.connection())
+            s.add_all([Meta(key="app", value=APP_NAME), Meta(key="schema_version", value=str(SCHEMA_VERSION))])
 
     def _migrate(self) -> None:
         """Bring an older database to SCHEMA_VERSION in one transaction, and say so (stderr)."""
         with self._write() as s:
-            found = schema_version(s.scalar(select(Meta.value).where(Meta.key == "schema_version")), self.path)
+            self._lock_schema(s)
+            found = schema_version(s.scalar(select(Meta.value).where(Meta.key == "schema_version")), self.display)
             added = migrations.upgrade(s.connection(), found) if found < SCHEMA_VERSION else []
         if added:
-            print(f"rbm-study: migrated {self.path} from database schema version {found} to {SCHEMA_VERSION} "
+            print(f"rbm-study: migrated {self.display} from database schema version {found} to {SCHEMA_VERSION} "
                   f"(added {'; '.join(added)})", file=sys.stderr, flush=True)
         self.schema_version = SCHEMA_VERSION
 
     def __getstate__(self) -> dict:
-        # Ray Tune pickles its callbacks with the experiment state; only the path travels.
-        return {"path": str(self.path)}
+        # Ray Tune pickles its callbacks with the experiment state (tuner.pkl, on disk): only where
+        # the database is travels, never a password.
+        return {"db": self.target.without_password}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"])
+        self.__init__(state["db"])
 
     @property
     def url(self) -> str:
-        """SQLAlchemy URL of the file; Optuna's RDBStorage uses the same one."""
-        return f"sqlite:///{self.path.resolve()}"
+        """SQLAlchemy URL of the database (password included); Optuna's RDBStorage uses the same one."""
+        return self.target.connect_url
+
+    @property
+    def display(self) -> str:
+        """The database as messages name it: the path, or the URL with its password hidden."""
+        return self.target.display
 
     def close(self) -> None:
         self.engine.dispose()
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        with Session(self.engine) as session, session.begin():
-            yield session
+        try:
+            with Session(self.engine) as session, session.begin():
+                yield session
+        except DBAPIError as err:
+            # A user with read rights only (status and report need no more) gets one line, not a traceback.
+            if getattr(err.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
+                said = self.target.scrub(str(err.orig)).splitlines()[0]
+                raise StorageError(f"{self.display}: this user may not write here ({said}); launch and resume "
+                                   "need write rights on the database, status and report do not") from None
+            raise
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
@@ -272,8 +479,8 @@ class StudyStorage:
 
     def _exists(self, name: str) -> StudyExistsError:
         return StudyExistsError(
-            f"study {name!r} already exists in {self.path}; continue it with "
-            f"`rbm-study resume --db {self.path} --name {name}` or pick another --name"
+            f"study {name!r} already exists in {self.display}; continue it with "
+            f"`rbm-study resume --db {self.display} --name {name}` or pick another --name"
         )
 
     def create_study(
@@ -282,11 +489,14 @@ class StudyStorage:
     ) -> StudyInfo:
         """A new study, driven by `driver` from the start (one transaction: no other driver can
         take a study that is being created); without one, the study starts with no driver."""
+        if len(name) > NAME_LENGTH:  # a server refuses a longer one mid-transaction; say it plainly first
+            raise StorageError(f"study name {name[:40]!r}... is longer than {NAME_LENGTH} characters; pick a "
+                               "shorter --name")
         try:
             with self._write() as s:
                 if s.scalar(select(Study.id).where(Study.name == name)) is not None:
                     raise self._exists(name)
-                t = now()
+                t = self._clock(s)
                 row = Study(
                     name=name, config=config, status="running", num_samples=num_samples,
                     objective_metric=objective_metric, objective_mode=objective_mode, code_version=code_version,
@@ -308,15 +518,25 @@ class StudyStorage:
             return None
         with self._read() as s:
             row = s.get(Driver, study_id)
-            return None if row is None else DriverInfo(row.host, row.pid, row.started_at, row.heartbeat_at, row.token)
+            if row is None:
+                return None
+            return DriverInfo(row.host, row.pid, row.started_at, row.heartbeat_at, row.token, self._clock(s))
+
+    def _clock(self, s: Session) -> datetime:
+        """Now, for the lease's times: on a server, the server's clock (UTC), so that drivers and
+        readers on hosts whose clocks disagree still agree on a heartbeat's age; a file's is this host's."""
+        if not self.target.on_server:
+            return now()
+        return s.scalar(select(func.timezone("UTC", func.clock_timestamp())))
 
     def take_driver(self, study_id: int, claim: DriverClaim, seen: DriverInfo | None) -> bool:
         """Compare-and-swap the lease to `claim`, if the record is still the `seen` one (the caller
         judged it free or dead). False when another process got there first."""
-        t = now()
-        values = {"host": claim.host, "pid": claim.pid, "started_at": t, "heartbeat_at": t, "token": claim.token}
         try:
             with self._write() as s:
+                t = self._clock(s)
+                values = {"host": claim.host, "pid": claim.pid, "started_at": t, "heartbeat_at": t,
+                          "token": claim.token}
                 if seen is None:
                     s.add(Driver(study_id=study_id, **values))
                     return True
@@ -330,7 +550,8 @@ class StudyStorage:
         """The heartbeat; False if the lease is no longer this driver's."""
         with self._write() as s:
             result = s.execute(
-                update(Driver).where(Driver.study_id == study_id, Driver.token == token).values(heartbeat_at=now())
+                update(Driver).where(Driver.study_id == study_id, Driver.token == token)
+                .values(heartbeat_at=self._clock(s))
             )
             return result.rowcount == 1
 
@@ -338,7 +559,7 @@ class StudyStorage:
         with self._write() as s:
             s.execute(
                 update(Driver).where(Driver.study_id == study_id, Driver.token == token)
-                .values(token=None, heartbeat_at=now())
+                .values(token=None, heartbeat_at=self._clock(s))
             )
 
     def get_study(self, name: str | None) -> StudyInfo:
@@ -349,15 +570,15 @@ class StudyStorage:
                 if len(names) == 1:
                     name = names[0]
                 elif not names:
-                    raise UnknownStudyError(f"{self.path} holds no study yet; start one with `rbm-study launch`")
+                    raise UnknownStudyError(f"{self.display} holds no study yet; start one with `rbm-study launch`")
                 else:
                     raise UnknownStudyError(
-                        f"{self.path} holds several studies; pass --name, one of: {', '.join(names)}"
+                        f"{self.display} holds several studies; pass --name, one of: {', '.join(names)}"
                     )
             row = s.scalar(select(Study).where(Study.name == name))
             if row is None:
                 listed = ", ".join(names) if names else "none"
-                raise UnknownStudyError(f"no study named {name!r} in {self.path}; studies there: {listed}")
+                raise UnknownStudyError(f"no study named {name!r} in {self.display}; studies there: {listed}")
             return _study_info(row)
 
     def set_study_status(self, study_id: int, status: str) -> None:
@@ -419,7 +640,7 @@ class StudyStorage:
         ]
         if not rows:
             return
-        stmt = sqlite_insert(EpochMetric).values(rows)
+        stmt = self._insert(EpochMetric.__table__).values(rows)
         stmt = stmt.on_conflict_do_update(
             index_elements=["trial_id", "stage", "epoch", "name"], set_={"value": stmt.excluded.value}
         )
@@ -468,7 +689,7 @@ class StudyStorage:
     # --- stage checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, trial_id: int, stage: str, config_key: str, data: bytes) -> None:
         """The trial's latest stage checkpoint (one a trial: a later one replaces it)."""
-        stmt = sqlite_insert(Checkpoint).values(
+        stmt = self._insert(Checkpoint.__table__).values(
             trial_id=trial_id, stage=stage, config_key=config_key, data=data, created_at=now()
         )
         stmt = stmt.on_conflict_do_update(
@@ -584,46 +805,55 @@ class StudyStorage:
 
     def has_optuna_tables(self) -> bool:
         with self.engine.connect() as con:
-            names = {r[0] for r in con.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")}
-        return {"studies", "trials"} <= names
+            return {"studies", "trials"} <= set(inspect(con).get_table_names())
 
     def integrity_check(self) -> str:
+        """'ok', or what is wrong: SQLite's own check of the file (a server checks its storage
+        itself), then rows that point at a trial or study that is not there (on either backend)."""
         with self.engine.connect() as con:
-            return str(con.exec_driver_sql("PRAGMA integrity_check").scalar())
+            if not self.target.on_server:
+                verdict = str(con.exec_driver_sql("PRAGMA integrity_check").scalar())
+                if verdict != "ok":
+                    return verdict
+            orphans = [
+                f"{table.name}: {n} row(s) of no trial"
+                for table in (EpochMetric.__table__, FinalMetric.__table__, Weights.__table__, Checkpoint.__table__)
+                if (n := con.scalar(select(func.count()).select_from(table).where(
+                    table.c.trial_id.not_in(select(Trial.id)))))
+            ]
+        return "; ".join(orphans) or "ok"
+
+    def _insert(self, table: Table) -> Any:
+        """INSERT that can take ON CONFLICT DO UPDATE: a dialect branch, since SQLAlchemy has the
+        upsert per dialect (the same API on SQLite and PostgreSQL)."""
+        return (postgresql.insert if self.target.on_server else sqlite.insert)(table)
 
 
 @contextmanager
-def snapshot(path: str | Path) -> Iterator[StudyStorage]:
-    """A read-only `StudyStorage` on a private, consistent copy of the database at `path`.
+def snapshot(db: str | Path | Target, name: str | None = None) -> Iterator[StudyStorage]:
+    """A read-only `StudyStorage` on a private, consistent SQLite copy of the database `db`.
 
-    A report must work on a study that is still running and never write to its file. The file is
-    checked (`inspect_file`: a foreign or newer one is refused, unchanged), opened read-only, and
-    copied page by page with SQLite's online backup API in a single step, which holds one read
-    transaction for the whole copy: the copy is one state of the database even while a driver keeps
-    writing. Every read, Optuna's included (through the copy's `url`), then comes from the copy,
-    which is deleted on exit.
+    A report must work on a study that is still running and never write to its database. Every
+    read, Optuna's included (through the copy's `url`), comes from the copy, which is deleted on
+    exit; how the copy is taken is a backend's business:
+
+    - a file is checked (`inspect_file`: a foreign or newer one is refused, unchanged), opened
+      read-only and copied page by page with SQLite's online backup API in a single step, which
+      holds one read transaction for the whole copy;
+    - a server's rows are read in one read-only REPEATABLE READ transaction (`_copy_from_server`):
+      `rbm_meta`, every study's row, and the rows of study `name` (with no name, of the only study;
+      the report then refuses several) in our tables and Optuna's.
+
+    Either way the copy is one state of the database even while a driver keeps writing.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise StorageError(f"database {path} does not exist; pass the database a study wrote (--db PATH)")
-    if inspect_file(path)[0] == "new":
-        raise StorageError(f"{path} holds no rbm-study data yet; start a study with `rbm-study launch`")
+    target = parse_db(db)
     folder = tempfile.mkdtemp(prefix="rbm-study-snapshot-")
     copy = Path(folder) / "snapshot.db"
     try:
-        try:
-            source = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
-            try:
-                target = sqlite3.connect(copy)
-                try:
-                    source.backup(target, pages=-1)  # one step: one read transaction, one state
-                    target.execute("PRAGMA journal_mode=DELETE")  # the copy needs no -wal/-shm beside it
-                finally:
-                    target.close()
-            finally:
-                source.close()
-        except sqlite3.Error as err:
-            raise StorageError(f"cannot read {path}: {err}") from None
+        if target.on_server:
+            _copy_from_server(target, copy, name)
+        else:
+            _copy_file(Path(target.path or ""), copy)
         storage = StudyStorage(copy, readonly=True)
         try:
             yield storage
@@ -631,6 +861,109 @@ def snapshot(path: str | Path) -> Iterator[StudyStorage]:
             storage.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _copy_file(path: Path, copy: Path) -> None:
+    if not path.is_file():
+        raise StorageError(f"database {path} does not exist; pass the database a study wrote (--db PATH)")
+    if inspect_file(path)[0] == "new":
+        raise StorageError(f"{path} holds no rbm-study data yet; start a study with `rbm-study launch`")
+    try:
+        source = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            target = sqlite3.connect(copy)
+            try:
+                source.backup(target, pages=-1)  # one step: one read transaction, one state
+                target.execute("PRAGMA journal_mode=DELETE")  # the copy needs no -wal/-shm beside it
+            finally:
+                target.close()
+        finally:
+            source.close()
+    except sqlite3.Error as err:
+        raise StorageError(f"cannot read {path}: {err}") from None
+
+
+# Optuna's tables that belong to one study, and how: by its study_id, or by the ids of its trials.
+_OPTUNA_BY_STUDY = ("studies", "study_directions", "study_user_attributes", "study_system_attributes", "trials")
+_OPTUNA_BY_TRIAL = ("trial_params", "trial_values", "trial_intermediate_values", "trial_user_attributes",
+                    "trial_system_attributes", "trial_heartbeats")
+
+
+def _copy_from_server(target: Target, copy: Path, name: str | None) -> None:
+    """Copy one state of a server's study database into the SQLite file `copy` (see `snapshot`)."""
+    source = StudyStorage(target, readonly=True)  # refuses a foreign, empty or newer database
+    try:
+        with source.engine.connect() as con:
+            con = con.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+            with con.begin():
+                mode = tuple(con.execute(select(func.current_setting("transaction_isolation"),
+                                                func.current_setting("transaction_read_only"))).one())
+                if mode != ("repeatable read", "on"):  # the whole point: never a torn or a writing read
+                    raise StorageError(f"{target.display}: the snapshot transaction is {mode}, not a read-only "
+                                       "repeatable read; report not taken")
+                _copy_rows(con, copy, name)
+    except DBAPIError as err:
+        raise _server_error(target, err) from None
+    finally:
+        source.close()
+
+
+def _copy_rows(con: Any, copy: Path, name: str | None) -> None:
+    """All reads of a server snapshot, inside the caller's one transaction on `con`. The copy keeps
+    the server's `rbm_meta`, so its schema version is the server's."""
+    tables = set(inspect(con).get_table_names())
+    names = list(con.scalars(select(Study.name).order_by(Study.id)))
+    chosen = [name] if name is not None else names if len(names) == 1 else []
+    study_ids = list(con.scalars(select(Study.id).where(Study.name.in_(chosen))))
+    trial_ids = select(Trial.id).where(Trial.study_id.in_(study_ids))
+    engine = create_engine(f"sqlite:///{copy}")
+    try:
+        with engine.begin() as out:
+            ours = [t for t in Base.metadata.sorted_tables if t.name in tables]
+            Base.metadata.create_all(out, tables=ours)
+            for table in ours:
+                query = select(table)
+                if table.name in ("rbm_trials", "rbm_drivers"):
+                    query = query.where(table.c.study_id.in_(study_ids))
+                elif "trial_id" in table.c:
+                    query = query.where(table.c.trial_id.in_(trial_ids))
+                _copy_table(con, out, table, query)
+        if {"studies", "trials"} <= tables:
+            _copy_optuna(con, engine, copy, chosen, tables)
+    finally:
+        engine.dispose()
+
+
+def _copy_table(con: Any, out: Any, table: Table, query: Any, chunk: int = 500) -> None:
+    """Rows of `query` on the server into `table` of the copy, a chunk at a time (weights are large)."""
+    result = con.execution_options(yield_per=chunk).execute(query)
+    for rows in result.partitions(chunk):
+        out.execute(table.insert(), [dict(row._mapping) for row in rows])
+
+
+def _copy_optuna(con: Any, engine: Engine, copy: Path, chosen: list[str], tables: set[str]) -> None:
+    """Optuna's rows of the chosen studies, into Optuna tables that Optuna itself made in the copy
+    (same schema and version stamp, so `optuna.load_study` on the copy needs nothing else)."""
+    import optuna
+    from sqlalchemy import MetaData, column
+    from sqlalchemy import table as bare_table
+
+    made_by_optuna = optuna.storages.RDBStorage(f"sqlite:///{copy}")
+    made_by_optuna.remove_session()
+    made_by_optuna.engine.dispose()
+    made = MetaData()
+    made.reflect(engine, only=[t for t in (*_OPTUNA_BY_STUDY, *_OPTUNA_BY_TRIAL) if t in tables])
+    ids = list(con.execute(bare_table("studies", column("study_id"), column("study_name")).select()).all())
+    study_ids = [i for i, n in ids if n in chosen]
+    trials = bare_table("trials", column("trial_id"), column("study_id"))
+    trial_ids = select(trials.c.trial_id).where(trials.c.study_id.in_(study_ids))
+    with engine.begin() as out:
+        for name, into in made.tables.items():
+            # Read untyped (the driver's values: Optuna's enums are text), write through the copy's types.
+            source = bare_table(name, *(column(c.name) for c in into.c))
+            key = source.c.study_id if name in _OPTUNA_BY_STUDY else source.c.trial_id
+            _copy_table(con, out, into, select(source).where(key.in_(study_ids if name in _OPTUNA_BY_STUDY
+                                                                      else trial_ids)))
 
 
 def _storable(value: Any) -> bool:

@@ -138,7 +138,7 @@ def constructed_run(
 
 
 def write_study(
-    path: Path,
+    path: Path | str,
     name: str,
     runs: list[dict],
     extra_states: tuple[tuple[str, str | None], ...] = (),
@@ -146,8 +146,9 @@ def write_study(
     objectives: tuple[str, ...] = (OBJECTIVE,),
     sampler: str = "grid",
 ) -> None:
-    """Write one study into the file at `path` (created if missing) the way the driver does:
-    our rows through `study.storage.StudyStorage`, Optuna's through Optuna, in the same file.
+    """Write one study into the database at `path` (a file, created if missing, or a server's URL)
+    the way the driver does: our rows through `study.storage.StudyStorage`, Optuna's through Optuna,
+    in the same database.
 
     `extra_states`: (state, error) of trials without results appended after the runs, e.g.
     ("failed", "FloatingPointError: ...") or ("running", None). `objectives`: maximised, as the

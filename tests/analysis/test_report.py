@@ -23,19 +23,22 @@ from rbm_study.cli import main
 from rbm_study.core import labfiles
 from rbm_study.core.models import RBM
 from tests.analysis import builddb
+from tests.conftest import Database
 
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _db_per_trial(path: Path) -> pd.DataFrame:
-    """Completed trials with k, seed and their final metrics, read straight from SQLite."""
-    with sqlite3.connect(path) as conn:
-        trials = pd.read_sql_query("SELECT id, config FROM rbm_trials WHERE state = 'completed'", conn)
-        finals = pd.read_sql_query("SELECT trial_id, name, value FROM rbm_final_metrics", conn)
-    trials["k"] = trials["config"].map(lambda c: json.loads(c)["rbm"]["cd_k"])
-    trials["seed"] = trials["config"].map(lambda c: json.loads(c)["seed"])
+def _db_per_trial(db: Database) -> pd.DataFrame:
+    """Completed trials with k, seed and their final metrics, read straight from the database."""
+    trials = pd.DataFrame(db.query("SELECT id, config FROM rbm_trials WHERE state = 'completed'"),
+                          columns=["id", "config"])
+    finals = pd.DataFrame(db.query("SELECT trial_id, name, value FROM rbm_final_metrics"),
+                          columns=["trial_id", "name", "value"])
+    config = trials["config"].map(lambda c: c if isinstance(c, dict) else json.loads(c))  # PostgreSQL: parsed
+    trials["k"] = config.map(lambda c: c["rbm"]["cd_k"])
+    trials["seed"] = config.map(lambda c: c["seed"])
     wide = finals.pivot(index="trial_id", columns="name", values="value")
     return trials.set_index("id").join(wide)
 
@@ -87,7 +90,7 @@ def test_a_100_unit_rbm_is_drawn_as_a_10x10_grid_of_28x28_tiles(tmp_path: Path):
 
 
 # --- numbers ---------------------------------------------------------------------------------------
-def test_k_table_matches_a_groupby_of_the_database(report_dir: Path, study_db: Path):
+def test_k_table_matches_a_groupby_of_the_database(report_dir: Path, study_db: Database):
     table = pd.read_csv(report_dir / "k_comparison.csv")
     expected = _db_per_trial(study_db)
     report = (report_dir / "report.md").read_text()
@@ -107,7 +110,7 @@ def test_k_table_matches_a_groupby_of_the_database(report_dir: Path, study_db: P
             assert f"{kcompare.fmt(row.mean)} [{kcompare.fmt(row.low)}, {kcompare.fmt(row.high)}]" in report
 
 
-def test_written_answer_uses_the_database_numbers(report_dir: Path, study_db: Path):
+def test_written_answer_uses_the_database_numbers(report_dir: Path, study_db: Database):
     report = (report_dir / "report.md").read_text()
     expected = _db_per_trial(study_db)
     means = expected.groupby("k")["rbm.test.log_likelihood"].mean()
@@ -124,10 +127,10 @@ def test_written_answer_uses_the_database_numbers(report_dir: Path, study_db: Pa
     assert "For scale: Salakhutdinov & Murray (2008)" in report and "not its level" in report
 
 
-def test_trials_csv_and_overview(report_dir: Path, study_db: Path):
+def test_trials_csv_and_overview(report_dir: Path, study_db: Database):
     table = pd.read_csv(report_dir / "trials.csv")
-    with sqlite3.connect(study_db) as conn:
-        db = pd.read_sql_query("SELECT number, state, objective_value FROM rbm_trials", conn)
+    db = pd.DataFrame(study_db.query("SELECT number, state, objective_value FROM rbm_trials"),
+                      columns=["number", "state", "objective_value"])
     assert "trial_id" not in table and sorted(table["trial"]) == sorted(db["number"])  # one number, no row ids
     merged = table.merge(db, left_on="trial", right_on="number")
     assert (merged["state_x"] == merged["state_y"]).all()
@@ -192,22 +195,66 @@ def test_several_objectives_are_named_and_ranked_by_the_first(runs: list[dict], 
     assert "Pareto front" in text
 
 
-def test_snapshot_of_a_study_being_written(study_db: Path, tmp_path: Path):
+def test_snapshot_of_a_study_being_written(study_db: Database, tmp_path: Path):
     """A writer holding an open transaction (WAL mode, as the study service runs) does not stop the
     report, and the report sees the last committed state only."""
-    live = tmp_path / "live.db"
-    shutil.copy(study_db, live)
-    writer = sqlite3.connect(live, isolation_level=None)
-    writer.execute("PRAGMA journal_mode=WAL")
-    writer.execute("BEGIN IMMEDIATE")
+    if study_db.kind == "sqlite":
+        live = tmp_path / "live.db"
+        shutil.copy(study_db.arg, live)
+        writer = sqlite3.connect(live, isolation_level=None)
+        writer.execute("PRAGMA journal_mode=WAL")
+        writer.execute("BEGIN IMMEDIATE")
+        rollback = "ROLLBACK"
+    else:
+        import psycopg
+
+        live, writer = study_db.arg, psycopg.connect(study_db.arg)  # a transaction opens with the update
+        rollback = None
     writer.execute("UPDATE rbm_trials SET state = 'failed' WHERE id = 1")
     try:
         with open_snapshot(live) as snap:
             assert snap.trials.set_index("id").loc[1, "state"] == "completed"
             assert len(snap.final_metrics) > 0
     finally:
-        writer.execute("ROLLBACK")
+        writer.execute(rollback) if rollback else writer.rollback()
         writer.close()
+
+
+def test_a_server_snapshot_is_one_state_of_the_named_study(study_db: Database, runs: list[dict],
+                                                           monkeypatch: pytest.MonkeyPatch):
+    """On PostgreSQL the copy is read in one read-only REPEATABLE READ transaction: writes committed
+    by a driver while it is read are not in it; and it holds the rows of the study asked for only."""
+    if study_db.kind != "postgresql":
+        pytest.skip("the server's snapshot (SQLite's is the backup API, tested above)")
+    from rbm_study.study import storage as storage_module
+
+    server = study_db.server
+    assert server is not None
+    db = Database("postgresql", server.create_database(), server)
+    builddb.write_study(db.arg, "first", runs[:2])
+    builddb.write_study(db.arg, "second", runs[2:])
+    copy_table = storage_module._copy_table
+    tables_read: list[str] = []
+
+    def copy_then_commit_a_write(con, out, table, query, chunk=500):
+        copy_table(con, out, table, query, chunk)
+        tables_read.append(table.name)
+        if table.name == "rbm_studies":  # mid-copy, a driver commits: trials and metrics change
+            db.execute("UPDATE rbm_trials SET state = 'failed'")
+            db.execute("DELETE FROM rbm_final_metrics")
+
+    monkeypatch.setattr(storage_module, "_copy_table", copy_then_commit_a_write)
+    with open_snapshot(db.arg, "second") as snap:
+        assert "rbm_trials" in tables_read and "trial_values" in tables_read
+        assert list(snap.studies["name"]) == ["first", "second"]
+        second = int(snap.study("second")["id"])
+        assert set(snap.trials["study_id"]) == {second} and len(snap.trials) == 2  # only the named study's
+        assert set(snap.trials["state"]) == {"completed"} and len(snap.final_metrics) > 0  # as before the write
+        assert server.password not in snap.path and "***" in snap.path
+        optuna_study = snap.optuna_study("second")
+        assert optuna_study is not None and len(optuna_study.trials) == 2
+        assert snap.optuna_study("first") is None  # the other study's Optuna rows were not copied
+    assert db.query("SELECT DISTINCT state FROM rbm_trials") == [("failed",)]  # the write did happen
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -218,7 +265,7 @@ def _one_line_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str
     return err
 
 
-def test_bad_inputs_exit_2_with_one_line(study_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_bad_inputs_exit_2_with_one_line(study_db: Database, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     out = str(tmp_path / "out")
     missing = tmp_path / "missing.db"
     assert "does not exist" in _one_line_exit_2(["report", "--db", str(missing), "--out", out], capsys)
@@ -233,20 +280,20 @@ def test_bad_inputs_exit_2_with_one_line(study_db: Path, tmp_path: Path, capsys:
     assert "not an rbm-study database" in _one_line_exit_2(["report", "--db", str(foreign), "--out", out], capsys)
     assert _digest(foreign) == before
     assert "no study named 'nope'" in _one_line_exit_2(
-        ["report", "--db", str(study_db), "--name", "nope", "--out", out], capsys)
+        ["report", "--db", study_db.arg, "--name", "nope", "--out", out], capsys)
     assert "no trial 999" in _one_line_exit_2(
-        ["report", "--db", str(study_db), "--trial", "999", "--out", out], capsys)
+        ["report", "--db", study_db.arg, "--trial", "999", "--out", out], capsys)
     assert "no trial 999" in _one_line_exit_2(
-        ["export", "--db", str(study_db), "--trial", "999", "--out", out], capsys)
+        ["export", "--db", study_db.arg, "--trial", "999", "--out", out], capsys)
     assert "has no weight files" in _one_line_exit_2(
-        ["export", "--db", str(study_db), "--trial", "4", "--out", out], capsys)
+        ["export", "--db", study_db.arg, "--trial", "4", "--out", out], capsys)
 
 
 # --- export ----------------------------------------------------------------------------------------
-def test_export_round_trips_through_labfiles(study_db: Path, tmp_path: Path, runs: list[dict]):
-    before = _digest(study_db)
-    assert main(["export", "--db", str(study_db), "--trial", "1", "--out", str(tmp_path)]) == 0  # number 1: runs[1]
-    assert _digest(study_db) == before
+def test_export_round_trips_through_labfiles(study_db: Database, tmp_path: Path, runs: list[dict]):
+    before = study_db.digest()
+    assert main(["export", "--db", study_db.arg, "--trial", "1", "--out", str(tmp_path)]) == 0  # number 1: runs[1]
+    assert study_db.digest() == before
     for name in ("zad1_rbm.th", "zad2_dbn.th", "zad3_dbn_ft.th"):
         written = (tmp_path / name).read_bytes()
         assert written == runs[1]["weights"][name]

@@ -11,8 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 import yaml
+
+from tests.conftest import Database
 
 REPO = Path(__file__).resolve().parents[2]
 MNIST = Path(os.environ.get("MNIST_ROOT", "/work/shared/data"))
@@ -95,7 +98,9 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def query(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
+def query(db: Path | Database, sql: str, params: tuple = ()) -> list[tuple]:
+    if isinstance(db, Database):
+        return db.query(sql, params)
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
         return con.execute(sql, params).fetchall()
@@ -109,7 +114,7 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
         try:
             if predicate():
                 return
-        except sqlite3.OperationalError:
+        except (sqlite3.OperationalError, psycopg.errors.UndefinedTable):
             pass  # tables not created yet
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-3000:] if log else ""
@@ -118,9 +123,9 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
     raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-3000:] if log else ''}")
 
 
-def trial_states(db: Path) -> dict[str, int]:
+def trial_states(db: Path | Database) -> dict[str, int]:
     return dict(query(db, "SELECT state, COUNT(*) FROM rbm_trials GROUP BY state"))
 
 
-def optuna_states(db: Path) -> dict[str, int]:
+def optuna_states(db: Path | Database) -> dict[str, int]:
     return dict(query(db, "SELECT state, COUNT(*) FROM trials GROUP BY state"))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
+from pathlib import Path
 
 import pytest
 
 from rbm_study.cli import main
 from rbm_study.study.config import load_study_config
 from rbm_study.study.storage import StudyStorage
+from tests.conftest import Database
 from tests.study.conftest import write_config
 
 
@@ -103,3 +106,62 @@ def test_missing_database(tmp_path, capsys):
     code, err = run(capsys, "status", "--db", str(tmp_path / "none.db"))
     assert code == 2 and "rbm-study launch" in err
     assert not (tmp_path / "none.db").exists()
+
+
+# --- --db as a URL ---------------------------------------------------------------------------------
+COMMANDS = ("launch", "resume", "status", "report", "export")
+
+
+def _argv(command: str, db: str, config: Path, out: Path) -> list[str]:
+    return {
+        "launch": ["launch", str(config), "--db", db],
+        "resume": ["resume", "--db", db],
+        "status": ["status", "--db", db, "--json"],
+        "report": ["report", "--db", db, "--out", str(out)],
+        "export": ["export", "--db", db, "--trial", "0", "--out", str(out)],
+    }[command]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_url_of_another_dialect_is_refused_and_nothing_written(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)  # the old behaviour made a folder named "mysql:" here
+    config, out = write_config(tmp_path), tmp_path / "out"
+    code, err = run(capsys, *_argv(command, "mysql://someone:hunter2@127.0.0.1:3306/studies", config, out))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "mysql is not supported" in err and "postgresql://" in err and "hunter2" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again on return: nothing listens there
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_server_that_does_not_answer_is_refused(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    config, out = write_config(tmp_path), tmp_path / "out"
+    url = f"postgresql://someone:hunter2@127.0.0.1:{_closed_port()}/studies"
+    code, err = run(capsys, *_argv(command, url, config, out))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot use the database at postgresql+psycopg://someone:***@127.0.0.1" in err and "hunter2" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_foreign_server_database_is_refused_and_unchanged(tmp_path, capsys, postgres_server, command):
+    db = Database("postgresql", postgres_server.create_database())
+    db.execute("CREATE TABLE measurements (x REAL)")
+    before = db.digest()
+    code, err = run(capsys, *_argv(command, db.arg, write_config(tmp_path), tmp_path / "out"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "not an rbm-study one (tables: measurements)" in err and postgres_server.password not in err
+    assert db.digest() == before
+
+
+def test_a_missing_server_database_is_named(tmp_path, capsys, postgres_server):
+    url = postgres_server.url("no_such_database")
+    code, err = run(capsys, "status", "--db", url)
+    assert code == 2 and 'database "no_such_database" does not exist' in err and "createdb" in err
+    assert postgres_server.password not in err

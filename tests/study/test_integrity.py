@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from rbm_study.study.storage import StudyStorage, now
+from rbm_study.study.storage import StudyStorage, now, parse_db
 from tests.study.conftest import (
     cli,
     env,
@@ -43,25 +43,26 @@ def _one_line(run: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.slow
 @needs_mnist()
-def test_live_driver_refused_sigterm_releases_resume_finishes_and_one_number_everywhere(tmp_path):
+def test_live_driver_refused_sigterm_releases_resume_finishes_and_one_number_everywhere(tmp_path, db):
+    """On both backends (`db`): an SQLite file, and a database on the tests' PostgreSQL server."""
     config = write_config(tmp_path, finetune={"epochs": 8},
                           search={"num_samples": 3, "max_concurrent": 1, "sampler": "grid",
                                   "space": {"rbm.cd_k": [1, 2, 3]}})
-    db, log = tmp_path / "study.db", tmp_path / "launch.log"
-    driver = start([sys.executable, "-m", "rbm_study", "launch", str(config), "--db", str(db), "--name", "live"], log)
+    log = tmp_path / "launch.log"
+    driver = start([sys.executable, "-m", "rbm_study", "launch", str(config), "--db", db.arg, "--name", "live"], log)
     try:
         wait_for(lambda: trial_states(db).get("running", 0) >= 1, 240, "a running trial", driver, log)
         lease_before = query(db, "SELECT host, pid, token FROM rbm_drivers")
         assert lease_before == [(socket.gethostname(), driver.pid, lease_before[0][2])]
 
         # A second driver, from another terminal, is refused before it writes anything.
-        refused = _one_line(cli("resume", "--db", str(db), "--name", "live"))
+        refused = _one_line(cli("resume", "--db", db.arg, "--name", "live"))
         assert f"live driver on {socket.gethostname()} (pid {driver.pid}, heartbeat" in refused
-        assert "already exists" in _one_line(cli("launch", str(config), "--db", str(db), "--name", "live"))
+        assert "already exists" in _one_line(cli("launch", str(config), "--db", db.arg, "--name", "live"))
         assert query(db, "SELECT host, pid, token FROM rbm_drivers") == lease_before
-        status = cli("status", "--db", str(db))
+        status = cli("status", "--db", db.arg)
         assert f"driver alive on {socket.gethostname()} (pid {driver.pid}, heartbeat" in status.stdout
-        assert json.loads(cli("status", "--db", str(db), "--json").stdout)["driver"]["alive"] is True
+        assert json.loads(cli("status", "--db", db.arg, "--json").stdout)["driver"]["alive"] is True
 
         # SIGTERM: the driver stops within a minute, marks its trials and hands the study back.
         stopped_at = time.monotonic()
@@ -75,16 +76,16 @@ def test_live_driver_refused_sigterm_releases_resume_finishes_and_one_number_eve
     assert query(db, "SELECT status FROM rbm_studies") == [("interrupted",)]
     assert trial_states(db).get("running", 0) == 0
     assert query(db, "SELECT token FROM rbm_drivers") == [(None,)]
-    assert "no driver since" in cli("status", "--db", str(db)).stdout
+    assert "no driver since" in cli("status", "--db", db.arg).stdout
 
-    resumed = cli("resume", "--db", str(db), "--quiet")
+    resumed = cli("resume", "--db", db.arg, "--quiet")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "taking over" not in resumed.stdout  # the lease was released, not abandoned
     assert trial_states(db) == {"completed": 3}
     assert optuna_states(db).get("COMPLETE") == 3
 
     # Optuna's view: curves and the metrics a dashboard shows, for every completed trial.
-    study = optuna.load_study(study_name="live", storage=f"sqlite:///{db}")
+    study = optuna.load_study(study_name="live", storage=parse_db(db.arg).connect_url)
     numbers = {n for (n,) in query(db, "SELECT number FROM rbm_trials")}
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(completed) == 3
@@ -96,18 +97,18 @@ def test_live_driver_refused_sigterm_releases_resume_finishes_and_one_number_eve
 
     # One number: status names the best trial N; export --trial N writes exactly its stored weights;
     # the report heads its figures "Trial N".
-    document = json.loads(cli("status", "--db", str(db), "--json").stdout)
+    document = json.loads(cli("status", "--db", db.arg, "--json").stdout)
     best = document["best"]["trial"]
     assert document["status"] == "completed" and document["driver"]["alive"] is False
-    assert f"(trial {best})" in cli("status", "--db", str(db)).stdout
-    exported = cli("export", "--db", str(db), "--name", "live", "--trial", str(best), "--out", str(tmp_path / "x"))
+    assert f"(trial {best})" in cli("status", "--db", db.arg).stdout
+    exported = cli("export", "--db", db.arg, "--name", "live", "--trial", str(best), "--out", str(tmp_path / "x"))
     assert exported.returncode == 0, exported.stderr
     stored = dict(query(db, "SELECT w.file_name, w.data FROM rbm_weights w JOIN rbm_trials t ON t.id = w.trial_id "
                             "WHERE t.number = ?", (best,)))
     assert len(stored) == 3
     for name, data in stored.items():
         assert (tmp_path / "x" / name).read_bytes() == data
-    report = cli("report", "--db", str(db), "--out", str(tmp_path / "r"), timeout=600)
+    report = cli("report", "--db", db.arg, "--out", str(tmp_path / "r"), timeout=600)
     assert report.returncode == 0, report.stderr
     assert f"### Trial {best}: best trial by the objective" in (tmp_path / "r" / "report.md").read_text()
     assert (tmp_path / "r" / f"trial{best}_task1_weights.png").is_file()

@@ -1,4 +1,5 @@
-"""The driver lease and the schema migration, on the database alone (no Ray, fast)."""
+"""The driver lease and the schema migration, on the database alone (no Ray, fast). The lease tests
+run on both backends (`db`: an SQLite file, a database on the tests' PostgreSQL server)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import pytest
 from rbm_study.study import lease
 from rbm_study.study.schema import SCHEMA_VERSION
 from rbm_study.study.storage import DriverClaim, DriverInfo, StorageError, StudyStorage, now
+from tests.conftest import Database
 from tests.study.conftest import version_1_database
 
 
-def _study(tmp_path: Path) -> tuple[StudyStorage, int]:
-    storage = StudyStorage(tmp_path / "study.db", create=True)
+def _study(db: Database) -> tuple[StudyStorage, int]:
+    storage = StudyStorage(db.arg, create=True)
     return storage, storage.create_study("s", {"seed": 0}, 3, "m", "max", "test").id
 
 
@@ -30,8 +32,8 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_lease_is_a_compare_and_swap(tmp_path):
-    storage, study = _study(tmp_path)
+def test_lease_is_a_compare_and_swap(db):
+    storage, study = _study(db)
     first, second = (DriverClaim(socket.gethostname(), 1, t) for t in ("a" * 32, "b" * 32))
     assert storage.take_driver(study, first, None)
     assert not storage.take_driver(study, second, None)  # it saw no record, but one exists now
@@ -56,8 +58,8 @@ def test_who_counts_as_alive(tmp_path):
     assert lease.is_alive(DriverInfo("elsewhere", 1, fresh, fresh, "t"))  # another host: the heartbeat decides
 
 
-def test_a_live_driver_is_refused_and_a_dead_one_taken_over(tmp_path):
-    storage, study = _study(tmp_path)
+def test_a_live_driver_is_refused_and_a_dead_one_taken_over(db):
+    storage, study = _study(db)
     held, previous = lease.acquire(storage, study, "s")
     assert previous is None
     try:
@@ -79,9 +81,9 @@ def test_a_live_driver_is_refused_and_a_dead_one_taken_over(tmp_path):
         held.release()
 
 
-def test_heartbeat_keeps_the_lease_fresh_and_notices_a_loss(tmp_path, monkeypatch):
+def test_heartbeat_keeps_the_lease_fresh_and_notices_a_loss(db, monkeypatch):
     monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
-    storage, study = _study(tmp_path)
+    storage, study = _study(db)
     held, _ = lease.acquire(storage, study, "s")
     first = storage.driver(study).heartbeat_at
     time.sleep(0.3)
@@ -108,12 +110,12 @@ print("won"); time.sleep(1.0); held.release()
 """
 
 
-def test_two_drivers_starting_together_one_wins(tmp_path):
-    storage, study = _study(tmp_path)
+def test_two_drivers_starting_together_one_wins(db):
+    storage, study = _study(db)
     dead = DriverClaim(socket.gethostname(), _dead_pid(), "d" * 32)  # an orphaned study
     assert storage.take_driver(study, dead, storage.driver(study))
     start = time.time() + 2.0
-    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(storage.path), str(start)], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, db.arg, str(start)], stdout=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outcomes == ["refused", "won"]
@@ -156,3 +158,24 @@ def test_a_newer_schema_is_refused_and_left_alone(tmp_path):
         with pytest.raises(StorageError, match="newer"):
             StudyStorage(db, readonly=readonly)
     assert _digest(db) == before
+
+
+def test_on_a_server_the_lease_runs_on_the_servers_clock(postgres_server, monkeypatch):
+    """A driver whose host clock is an hour behind still writes fresh heartbeats, and a reader
+    whose clock is off judges them by the server's time."""
+    from rbm_study.study import storage as storage_module
+
+    db = Database("postgresql", postgres_server.create_database())
+    storage, study = _study(db)
+    true_now = storage_module.now
+    monkeypatch.setattr(storage_module, "now", lambda: true_now() - timedelta(hours=1))
+    monkeypatch.setattr(lease, "now", lambda: true_now() + timedelta(hours=1))
+    held, _ = lease.acquire(storage, study, "s")
+    try:
+        record = storage.driver(study)
+        assert abs(record.heartbeat_at - true_now()) < timedelta(seconds=60)
+        assert lease.heartbeat_age(record) < 5 and lease.is_alive(record)
+        with pytest.raises(lease.DriverAliveError):
+            lease.acquire(storage, study, "s")
+    finally:
+        held.release()

@@ -1,4 +1,5 @@
-"""SIGKILL the driver mid-study, then `rbm-study resume`: real subprocesses, real Ray, one file."""
+"""SIGKILL the driver mid-study, then `rbm-study resume`: real subprocesses, real Ray, one database
+(an SQLite file, and a database on the tests' PostgreSQL server)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from rbm_study.core.config import LabConfig, validate
 from rbm_study.core.data import load_mnist
 from rbm_study.core.metrics import STAGES
 from rbm_study.core.pipeline import LabResult, run_lab
-from rbm_study.study.storage import StudyStorage
+from rbm_study.study.driver import ray_storage_path
+from rbm_study.study.storage import StudyStorage, parse_db
 from tests.study.conftest import (
     MNIST,
     cli,
@@ -30,7 +32,7 @@ from tests.study.conftest import (
 
 @pytest.mark.slow
 @needs_mnist()
-def test_sigkill_then_resume_finishes_exactly_num_samples(tmp_path):
+def test_sigkill_then_resume_finishes_exactly_num_samples(tmp_path, db):
     config = write_config(
         tmp_path,
         # Fine-tuning keeps each trial running for a few seconds after its first epoch rows: with
@@ -42,8 +44,8 @@ def test_sigkill_then_resume_finishes_exactly_num_samples(tmp_path):
                 "space": {"rbm.cd_k": [1, 2], "rbm.learning_rate": {"type": "float", "low": 0.02, "high": 0.1,
                                                                      "log": True}}},
     )
-    db, log = tmp_path / "study.db", tmp_path / "launch.log"
-    driver = start([sys.executable, "-m", "rbm_study", "launch", str(config), "--db", str(db), "--name", "kill"], log)
+    log = tmp_path / "launch.log"
+    driver = start([sys.executable, "-m", "rbm_study", "launch", str(config), "--db", db.arg, "--name", "kill"], log)
 
     def one_done_one_midway() -> bool:
         states = trial_states(db)
@@ -59,13 +61,13 @@ def test_sigkill_then_resume_finishes_exactly_num_samples(tmp_path):
         db, "SELECT number, objective_value, finished_at FROM rbm_trials WHERE state = 'completed'")}
     assert trial_states(db).get("running", 0) >= 1  # the kill left trials 'running' in the file
 
-    status = cli("status", "--db", str(db))  # readable while nobody drives the study
+    status = cli("status", "--db", db.arg)  # readable while nobody drives the study
     assert status.returncode == 0, status.stderr
     assert "status interrupted" in status.stdout
     assert "no driver since" in status.stdout and "run resume" in status.stdout
 
     # Two resumes started together on the orphaned study: one takes it over, the other is refused.
-    command = [sys.executable, "-m", "rbm_study", "resume", "--db", str(db), "--quiet"]
+    command = [sys.executable, "-m", "rbm_study", "resume", "--db", db.arg, "--quiet"]
     resumes = [start(command, tmp_path / f"resume{i}.log") for i in range(2)]
     codes = [r.wait(timeout=600) for r in resumes]
     logs = [(tmp_path / f"resume{i}.log").read_text() for i in range(2)]
@@ -91,7 +93,26 @@ def test_sigkill_then_resume_finishes_exactly_num_samples(tmp_path):
     assert interrupted[0][0] == ot["FAIL"]
     assert query(db, "SELECT COUNT(DISTINCT trial_id) FROM rbm_weights") == [(4,)]
     assert query(db, "SELECT status FROM rbm_studies") == [("completed",)]
-    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    assert StudyStorage(db.arg, readonly=True).integrity_check() == "ok"
+
+    # status, report and export on the finished study, read from the database alone
+    as_json = cli("status", "--db", db.arg, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    document = json.loads(as_json.stdout)
+    assert (document["status"], document["finished"], document["driver"]["alive"]) == ("completed", 4, False)
+    report = cli("report", "--db", db.arg, "--out", str(tmp_path / "report"))
+    assert report.returncode == 0 and (tmp_path / "report" / "index.html").is_file(), report.stderr
+    exported = cli("export", "--db", db.arg, "--trial", "0", "--out", str(tmp_path / "lab"))
+    assert exported.returncode == 0 and (tmp_path / "lab" / "zad1_rbm.th").is_file(), exported.stderr
+    if db.server is not None:  # the URL's password is in no output, log or stored row
+        texts = [status.stdout, status.stderr, *logs, log.read_text()]
+        texts += [r.stdout + r.stderr for r in (as_json, report, exported)]
+        texts += [(tmp_path / "report" / "report.md").read_text()]
+        texts += [repr(row) for row in query(db, "SELECT config, code_version FROM rbm_studies")]
+        assert all(db.server.password not in text for text in texts)
+        ray_files = [f for f in ray_storage_path(parse_db(db.arg)).rglob("*") if f.is_file()]
+        assert any(f.name == "tuner.pkl" for f in ray_files)  # Tune pickles the searcher and callbacks there
+        assert all(db.server.password.encode() not in f.read_bytes() for f in ray_files)
 
 
 def _reference_run(stored: dict) -> tuple[LabResult, dict[tuple[str, int, str], float]]:
@@ -111,7 +132,7 @@ def _reference_run(stored: dict) -> tuple[LabResult, dict[tuple[str, int, str], 
 
 @pytest.mark.slow
 @needs_mnist()
-def test_sigkill_mid_trial_then_resume_carries_on_from_the_stage_checkpoint(tmp_path):
+def test_sigkill_mid_trial_then_resume_carries_on_from_the_stage_checkpoint(tmp_path, db):
     config = write_config(
         tmp_path,
         # Fine-tuning is the slow stage (~6 s alone, more beside another trial): the driver is
@@ -120,8 +141,8 @@ def test_sigkill_mid_trial_then_resume_carries_on_from_the_stage_checkpoint(tmp_
         finetune={"epochs": 60},
         search={"num_samples": 2, "max_concurrent": 2, "sampler": "grid", "space": {"rbm.cd_k": [1, 2]}},
     )
-    db, log = tmp_path / "study.db", tmp_path / "launch.log"
-    driver = start([sys.executable, "-m", "rbm_study", "launch", str(config), "--db", str(db), "--name", "ckpt"], log)
+    log = tmp_path / "launch.log"
+    driver = start([sys.executable, "-m", "rbm_study", "launch", str(config), "--db", db.arg, "--name", "ckpt"], log)
 
     def checkpointed() -> list[tuple]:
         return query(db, "SELECT t.number, c.stage FROM rbm_checkpoints c JOIN rbm_trials t ON t.id = c.trial_id "
@@ -138,7 +159,7 @@ def test_sigkill_mid_trial_then_resume_carries_on_from_the_stage_checkpoint(tmp_
                                     "ON t.id = e.trial_id WHERE t.number = ? AND e.stage = 'rbm' ORDER BY e.id", (n,))
                        for n in stage_at_kill}
 
-    resumed = cli("resume", "--db", str(db), "--quiet")
+    resumed = cli("resume", "--db", db.arg, "--quiet")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "carry on from their last stage checkpoint" in resumed.stdout
 
@@ -146,9 +167,9 @@ def test_sigkill_mid_trial_then_resume_carries_on_from_the_stage_checkpoint(tmp_
     assert [n for (n,) in query(db, "SELECT number FROM rbm_trials ORDER BY number")] == [0, 1]
     assert optuna_states(db).get("COMPLETE") == 2
     assert query(db, "SELECT COUNT(*) FROM rbm_checkpoints") == [(0,)]  # finished trials keep none
-    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    storage = StudyStorage(db.arg, readonly=True)
+    assert storage.integrity_check() == "ok"
 
-    storage = StudyStorage(db, readonly=True)
     for t in storage.trials(storage.get_study("ckpt").id):
         finals = storage.final_metrics(t.id)
         expected = STAGES.index(stage_at_kill[t.number]) + 1 if t.number in stage_at_kill else 0
@@ -164,7 +185,7 @@ def test_sigkill_mid_trial_then_resume_carries_on_from_the_stage_checkpoint(tmp_
 
         # Same weights, metrics and epoch curves as the same config run without interruption.
         [(config_json,)] = query(db, "SELECT config FROM rbm_trials WHERE id = ?", (t.id,))
-        whole, whole_epochs = _reference_run(json.loads(config_json))
+        whole, whole_epochs = _reference_run(config_json if isinstance(config_json, dict) else json.loads(config_json))
         stored = storage.weights(t.id)
         assert set(stored) == set(whole.weight_files())
         for name, data in whole.weight_files().items():
