@@ -45,9 +45,11 @@ def _one_line(run: subprocess.CompletedProcess) -> str:
 @needs_mnist()
 def test_live_driver_refused_sigterm_releases_resume_finishes_and_one_number_everywhere(tmp_path, db):
     """On both backends (`db`): an SQLite file, and a database on the tests' PostgreSQL server."""
-    config = write_config(tmp_path, finetune={"epochs": 8},
-                          search={"num_samples": 3, "max_concurrent": 1, "sampler": "grid",
-                                  "space": {"rbm.cd_k": [1, 2, 3]}})
+    # four trials one at a time, long enough that the driver is still at work while the probes below
+    # start their own processes on a busy machine (with three short ones it could finish first)
+    config = write_config(tmp_path, finetune={"epochs": 20},
+                          search={"num_samples": 4, "max_concurrent": 1, "sampler": "grid",
+                                  "space": {"rbm.cd_k": [1, 2, 3, 4]}})
     log = tmp_path / "launch.log"
     driver = start([sys.executable, "-m", "rbm_study", "launch", str(config), "--db", db.arg, "--name", "live"], log)
     try:
@@ -81,14 +83,14 @@ def test_live_driver_refused_sigterm_releases_resume_finishes_and_one_number_eve
     resumed = cli("resume", "--db", db.arg, "--quiet")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "taking over" not in resumed.stdout  # the lease was released, not abandoned
-    assert trial_states(db) == {"completed": 3}
-    assert optuna_states(db).get("COMPLETE") == 3
+    assert trial_states(db) == {"completed": 4}
+    assert optuna_states(db).get("COMPLETE") == 4
 
     # Optuna's view: curves and the metrics a dashboard shows, for every completed trial.
     study = optuna.load_study(study_name="live", storage=parse_db(db.arg).connect_url)
     numbers = {n for (n,) in query(db, "SELECT number FROM rbm_trials")}
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(completed) == 3
+    assert len(completed) == 4
     for trial in completed:
         assert len(trial.intermediate_values) >= 3, trial.number
         assert trial.user_attrs["rbm_study_trial"] in numbers and "node" in trial.user_attrs
@@ -157,8 +159,8 @@ def test_version_1_database_is_read_as_it_is_and_resumes_to_exactly_num_samples(
     resumed = cli("resume", "--db", str(db), "--quiet")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "migrated" in resumed.stderr and "schema version 1 to 2" in resumed.stderr
-    assert trial_states(db) == {"completed": 3}
-    assert optuna_states(db).get("COMPLETE") == 3
+    assert trial_states(db) == {"completed": 4}
+    assert optuna_states(db).get("COMPLETE") == 4
     assert query(db, "SELECT value FROM rbm_meta WHERE key = 'schema_version'") == [("2",)]
 
 
