@@ -159,8 +159,8 @@ def test_version_1_database_is_read_as_it_is_and_resumes_to_exactly_num_samples(
     resumed = cli("resume", "--db", str(db), "--quiet")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "migrated" in resumed.stderr and "schema version 1 to 2" in resumed.stderr
-    assert trial_states(db) == {"completed": 4}
-    assert optuna_states(db).get("COMPLETE") == 4
+    assert trial_states(db) == {"completed": 3}
+    assert optuna_states(db).get("COMPLETE") == 3
     assert query(db, "SELECT value FROM rbm_meta WHERE key = 'schema_version'") == [("2",)]
 
 
