@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import URL, Engine, Table, create_engine, event, func, inspect, make_url, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -825,8 +825,13 @@ class StudyStorage:
 
     def _insert(self, table: Table) -> Any:
         """INSERT that can take ON CONFLICT DO UPDATE: a dialect branch, since SQLAlchemy has the
-        upsert per dialect (the same API on SQLite and PostgreSQL)."""
-        return (postgresql.insert if self.target.on_server else sqlite.insert)(table)
+        upsert per dialect (the same API on SQLite and PostgreSQL). PostgreSQL's dialect is imported
+        here, on a server only: it pulls in asyncio, which `status` on a file need not pay for."""
+        if self.target.on_server:
+            from sqlalchemy.dialects import postgresql
+
+            return postgresql.insert(table)
+        return sqlite.insert(table)
 
 
 @contextmanager
