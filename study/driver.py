@@ -104,7 +104,7 @@ def start_ray(address: str | None, study: StudyConfig) -> str:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **node_ip)
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise UserError(f"cannot join the Ray cluster at {address}: {err}".splitlines()[0]) from None
-        return f"cluster at {address}"
+        return f"cluster at {ray.get_runtime_context().gcs_address}"  # what "auto" found, too
     cpus = study.resources.num_cpus or os.cpu_count() or 1
     gpus = None if study.resources.gpus_per_trial > 0 else 0
     ray.init(

@@ -1,10 +1,12 @@
 """Ray nodes and addresses: start a node the way the containers do (`python -m
-rbm_study.study.raynode start ...` = `ray start ...`, loopback kept loopback: `study.internals`),
-and find how a driver joins the cluster at an address (`driver_node_ip`).
+rbm_study.study.raynode start ...` = `ray start ...`, loopback kept loopback: `study.internals`;
+a head's environment for its dashboard and job server: `head_environment`), and find how a driver
+joins the cluster at an address (`driver_node_ip`).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 
@@ -12,11 +14,12 @@ from rbm_study.core.errors import UserError
 from rbm_study.study.internals import keep_loopback
 
 
-def is_loopback_address(address: str | None) -> bool:
-    if not address:
-        return False
-    host = address.rsplit(":", 1)[0].strip("[]")
+def is_loopback_host(host: str | None) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback_address(address: str | None) -> bool:
+    return bool(address) and is_loopback_host(address.rsplit(":", 1)[0].strip("[]"))
 
 
 def _answers(host: str, port: int, timeout: float = 3.0) -> bool:
@@ -59,11 +62,45 @@ def driver_node_ip(address: str) -> str | None:
     raise UserError(f"nothing answers at {address}; {hint}")
 
 
+# A job that `ray job stop` interrupts gets this long (Ray's default: 3 s) between SIGTERM and
+# SIGKILL, to end its trials, mark them in the database and hand the study's lease back.
+JOB_STOP_WAIT_S = "60"
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """The value of `--name value` or `--name=value` in a command line."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def head_environment(args: list[str]) -> dict[str, str]:
+    """What a head started with `args` passes to every process it starts (Ray's own included).
+
+    Every head: RAY_JOB_STOP_WAIT_TIME_S, read by the job server's supervisors (a user's own
+    setting wins). A head on loopback alone: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray's public
+    switch for single-machine Ray, under which "127.0.0.1" stays 127.0.0.1 in the processes that
+    `keep_loopback` cannot reach (the dashboard's modules, the job server, the jobs' drivers);
+    without it they dial the machine's external IP, where nothing listens, and hang.
+    """
+    env = {"RAY_JOB_STOP_WAIT_TIME_S": JOB_STOP_WAIT_S}
+    if "--head" in args and is_loopback_host(_option(args, "--node-ip-address")):
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
+
+
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if "--head" in args:
+        for key, value in head_environment(args).items():
+            os.environ.setdefault(key, value)
     keep_loopback()
     from ray.scripts.scripts import main as ray_main
 
-    sys.argv = ["ray", *(sys.argv[1:] if argv is None else argv)]
+    sys.argv = ["ray", *args]
     ray_main()
 
 
