@@ -45,6 +45,7 @@ from rbm_study.analysis import figures
 from rbm_study.analysis.figures import FigureFile
 from rbm_study.analysis.html import Document
 from rbm_study.core import evaluate
+from rbm_study.core.config import get_dotted
 from rbm_study.core.metrics import CURVE_METRIC, STAGE_TITLES
 
 NO_DIFFERENCE = "no difference measured at this size"
@@ -400,11 +401,9 @@ def _setting(trials: pd.DataFrame, configs: dict[int, dict], name: str) -> pd.Se
         return _column(trials, name).dropna()
     values = []
     for tid in trials["trial_id"]:
-        node: Any = configs.get(int(tid), {})
-        for part in name.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, (int, float)) and not isinstance(node, bool):
-            values.append(float(node))
+        value = get_dotted(configs.get(int(tid), {}), name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values.append(float(value))
     return pd.Series(values, dtype=float)
 
 

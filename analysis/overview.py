@@ -17,6 +17,7 @@ import seaborn as sns
 
 from rbm_study.analysis import figures
 from rbm_study.analysis.figures import FigureFile
+from rbm_study.core.config import get_dotted
 
 KEY_METRICS = (
     "rbm.test.log_likelihood", "dbn.test.log_likelihood", "finetune.test.log_likelihood",
@@ -35,10 +36,10 @@ def trials_table(trials: pd.DataFrame, finals: pd.DataFrame) -> pd.DataFrame:
         duration = (t.finished_at - t.started_at).total_seconds() if pd.notna(t.finished_at) else float("nan")
         row: dict[str, Any] = {
             "trial_id": int(t.id), "number": int(t.number), "state": t.state,
-            "k": _get(config, "rbm.cd_k", params.get("rbm.cd_k")),
-            "persistent": _get(config, "rbm.persistent", None),
-            "hidden": _get(config, "rbm.hidden_size", params.get("rbm.hidden_size")),
-            "seed": _get(config, "seed", params.get("seed")),
+            "k": get_dotted(config, "rbm.cd_k", params.get("rbm.cd_k")),
+            "persistent": get_dotted(config, "rbm.persistent", None),
+            "hidden": get_dotted(config, "rbm.hidden_size", params.get("rbm.hidden_size")),
+            "seed": get_dotted(config, "seed", params.get("seed")),
             "objective": t.objective_value, "seconds": duration, "node": t.node, "attempt": t.attempt,
             "error": _last_line(t.error),
         }
@@ -61,14 +62,6 @@ def _last_line(error: Any) -> str:
         return ""
     return error.strip().splitlines()[-1][:300]
 
-
-def _get(config: dict, dotted: str, default: Any) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
 
 
 def best_trials(table: pd.DataFrame, mode: str, n: int = 5) -> pd.DataFrame:

@@ -195,9 +195,17 @@ def _with_dotted(mapping: dict, values: dict[str, Any]) -> dict:
     return out
 
 
-def get_dotted(config: dict, dotted: str) -> Any:
+_REQUIRED = object()
+
+
+def get_dotted(config: dict, dotted: str, default: Any = _REQUIRED) -> Any:
+    """config["a"]["b"] for "a.b"; `default` where a part is missing (KeyError without one)."""
     node: Any = config
     for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is _REQUIRED:
+                raise KeyError(dotted)
+            return default
         node = node[part]
     return node
 

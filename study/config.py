@@ -258,6 +258,7 @@ def check_study_config(study: StudyConfig) -> StudyConfig:
 # Keys added since a study could first be stored, whose defaults would change what an older study
 # measures: such a study keeps the value it was planned with (RAISE did not run).
 _ADDED_OFF = {"eval.raise_images": 0}
+_ABSENT = object()
 
 
 def stored_config(config: dict) -> StudyConfig:
@@ -265,9 +266,7 @@ def stored_config(config: dict) -> StudyConfig:
     stored take their defaults, except `_ADDED_OFF`, which keep the older behaviour."""
     completed = merge({}, config)
     for key, value in _ADDED_OFF.items():
-        try:
-            get_dotted(config, key)
-        except (KeyError, TypeError):
+        if get_dotted(config, key, _ABSENT) is _ABSENT:
             set_dotted(completed, key, value)
     return check_study_config(validate(StudyConfig, completed))
 

@@ -104,3 +104,14 @@ def test_sections_are_typed_and_frozen():
 def test_the_stored_form_reads_back_the_same():
     config = load_config("lab", ["rbm.learning_rate=1e-3", "data.subset=500"])
     assert LabConfig.model_validate(config.to_dict()) == config
+
+
+def test_get_dotted_reads_nested_keys_and_says_what_is_missing():
+    from rbm_study.core.config import get_dotted
+
+    config = {"rbm": {"cd_k": 3}, "seed": 1}
+    assert get_dotted(config, "rbm.cd_k") == 3 and get_dotted(config, "seed") == 1
+    assert get_dotted(config, "rbm.epochs", None) is None
+    assert get_dotted(config, "seed.x", "absent") == "absent"  # a value where a section was expected
+    with pytest.raises(KeyError, match=r"rbm\.epochs"):
+        get_dotted(config, "rbm.epochs")
