@@ -2,7 +2,7 @@
 
 Optuna migrates its own tables with Alembic; ours change rarely, and a numbered list of plain steps
 says the same in fewer moving parts. Step N takes a database from version N to N + 1 and is frozen:
-it creates what version N + 1 added, written out here rather than taken from the current models in
+it creates what version N + 1 added, written out here rather than taken from the current tables in
 `study.schema` (which may change again later). `StudyStorage` applies the pending steps on its first
 write, all of them and the new `rbm_meta.schema_version` in one transaction, and says so; readers
 never migrate (`status` and `report` read an older database as it is).
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from sqlalchemy import Column, Connection, DateTime, ForeignKey, Integer, MetaData, String, Table, update
 
-from rbm_study.study.schema import SCHEMA_VERSION, Meta
+from rbm_study.study.schema import SCHEMA_VERSION, meta
 
 
 def _add_driver_lease(connection: Connection) -> None:
@@ -46,5 +46,5 @@ def upgrade(connection: Connection, found: int) -> list[str]:
         what, step = STEPS[version]
         step(connection)
         added.append(what)
-    connection.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION)))
+    connection.execute(update(meta).where(meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION)))
     return added

@@ -1,4 +1,4 @@
-"""The schema of a study database, SQLite or PostgreSQL (SQLAlchemy 2 declarative models), and nothing else.
+"""The schema of a study database, SQLite or PostgreSQL (SQLAlchemy Core tables), and nothing else.
 
 One file holds everything a study produces, so that a report needs only the `.db`:
 
@@ -22,20 +22,20 @@ a step to `study.migrations`.
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from sqlalchemy import (
     JSON,
+    Column,
     DateTime,
     Float,
     ForeignKey,
     Integer,
     LargeBinary,
+    MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 SCHEMA_VERSION = 2
 APP_NAME = "rbm-study"
@@ -44,97 +44,100 @@ APP_NAME = "rbm-study"
 TRIAL_STATES = ("running", "completed", "failed", "pruned", "interrupted")
 STUDY_STATES = ("running", "completed", "failed", "interrupted")
 
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Meta(Base):
-    __tablename__ = "rbm_meta"
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
+# Core tables, not ORM classes: every caller gets frozen records from `study.storage` anyway, and
+# `status` must start fast (the ORM's import and mapping cost more than the command's own work).
+metadata = MetaData()
 
 
-class Study(Base):
-    __tablename__ = "rbm_studies"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
-    config: Mapped[dict] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16), default="running")
-    num_samples: Mapped[int] = mapped_column(Integer)
-    objective_metric: Mapped[str] = mapped_column(String(200))
+def _required(name: str, *args: object, **kwargs: object) -> Column:
+    """A NOT NULL column (Core's columns are nullable unless told otherwise)."""
+    return Column(name, *args, nullable=False, **kwargs)
+
+
+meta = Table(
+    "rbm_meta", metadata,
+    Column("key", String(64), primary_key=True),
+    _required("value", Text),
+)
+
+studies = Table(
+    "rbm_studies", metadata,
+    Column("id", Integer, primary_key=True),
+    _required("name", String(200), unique=True),
+    _required("config", JSON),
+    _required("status", String(16), default="running"),
+    _required("num_samples", Integer),
+    _required("objective_metric", String(200)),
     # "max" or, multi-objective, "max,min,...": SQLite ignores a length, PostgreSQL enforces it
-    objective_mode: Mapped[str] = mapped_column(String(200))
-    code_version: Mapped[str] = mapped_column(String(100))
-    created_at: Mapped[datetime] = mapped_column(DateTime)
-    updated_at: Mapped[datetime] = mapped_column(DateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    trials: Mapped[list[Trial]] = relationship(back_populates="study", cascade="all, delete-orphan")
+    _required("objective_mode", String(200)),
+    _required("code_version", String(100)),
+    _required("created_at", DateTime),
+    _required("updated_at", DateTime),
+    Column("finished_at", DateTime),
+)
 
+trials = Table(
+    "rbm_trials", metadata,
+    Column("id", Integer, primary_key=True),
+    _required("study_id", ForeignKey("rbm_studies.id")),
+    _required("number", Integer),  # 0, 1, ... within the study, in order of start
+    Column("ray_trial_id", String(64)),
+    Column("optuna_trial_number", Integer),
+    _required("params", JSON),  # the searched values only, dotted keys
+    _required("config", JSON),  # the full config the trial ran with
+    _required("state", String(16), default="running"),
+    Column("node", String(200)),
+    _required("attempt", Integer, default=1),
+    Column("objective_value", Float),
+    Column("error", Text),
+    _required("started_at", DateTime),
+    Column("finished_at", DateTime),
+    UniqueConstraint("study_id", "number"),
+)
 
-class Trial(Base):
-    __tablename__ = "rbm_trials"
-    __table_args__ = (UniqueConstraint("study_id", "number"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("rbm_studies.id"))
-    number: Mapped[int] = mapped_column(Integer)  # 0, 1, ... within the study, in order of start
-    ray_trial_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    optuna_trial_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    params: Mapped[dict] = mapped_column(JSON)  # the searched values only, dotted keys
-    config: Mapped[dict] = mapped_column(JSON)  # the full config the trial ran with
-    state: Mapped[str] = mapped_column(String(16), default="running")
-    node: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    attempt: Mapped[int] = mapped_column(Integer, default=1)
-    objective_value: Mapped[float | None] = mapped_column(Float, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    started_at: Mapped[datetime] = mapped_column(DateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    study: Mapped[Study] = relationship(back_populates="trials")
+epoch_metrics = Table(
+    "rbm_epoch_metrics", metadata,
+    Column("id", Integer, primary_key=True),
+    _required("trial_id", ForeignKey("rbm_trials.id"), index=True),
+    _required("stage", String(16)),  # rbm, dbn, finetune
+    _required("epoch", Integer),  # from 1
+    _required("name", String(100)),
+    _required("value", Float),
+    UniqueConstraint("trial_id", "stage", "epoch", "name"),
+)
 
+final_metrics = Table(
+    "rbm_final_metrics", metadata,
+    Column("trial_id", ForeignKey("rbm_trials.id"), primary_key=True),
+    Column("name", String(200), primary_key=True),
+    _required("value", Float),
+)
 
-class EpochMetric(Base):
-    __tablename__ = "rbm_epoch_metrics"
-    __table_args__ = (UniqueConstraint("trial_id", "stage", "epoch", "name"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    trial_id: Mapped[int] = mapped_column(ForeignKey("rbm_trials.id"), index=True)
-    stage: Mapped[str] = mapped_column(String(16))  # rbm, dbn, finetune
-    epoch: Mapped[int] = mapped_column(Integer)  # from 1
-    name: Mapped[str] = mapped_column(String(100))
-    value: Mapped[float] = mapped_column(Float)
+weights = Table(
+    "rbm_weights", metadata,
+    Column("trial_id", ForeignKey("rbm_trials.id"), primary_key=True),
+    Column("file_name", String(64), primary_key=True),  # zad1_rbm.th, ...
+    _required("data", LargeBinary),
+)
 
+checkpoints = Table(
+    "rbm_checkpoints", metadata,
+    Column("trial_id", ForeignKey("rbm_trials.id"), primary_key=True),
+    _required("stage", String(16)),  # the last finished stage: rbm or dbn
+    _required("config_key", String(64), index=True),  # sha256 hex, study.checkpoints.config_key
+    _required("data", LargeBinary),  # study.checkpoints.pack: epoch rows + LabCheckpoint bytes
+    _required("created_at", DateTime),
+)
 
-class FinalMetric(Base):
-    __tablename__ = "rbm_final_metrics"
-    trial_id: Mapped[int] = mapped_column(ForeignKey("rbm_trials.id"), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), primary_key=True)
-    value: Mapped[float] = mapped_column(Float)
-
-
-class Weights(Base):
-    __tablename__ = "rbm_weights"
-    trial_id: Mapped[int] = mapped_column(ForeignKey("rbm_trials.id"), primary_key=True)
-    file_name: Mapped[str] = mapped_column(String(64), primary_key=True)  # zad1_rbm.th, ...
-    data: Mapped[bytes] = mapped_column(LargeBinary)
-
-
-class Checkpoint(Base):
-    __tablename__ = "rbm_checkpoints"
-    trial_id: Mapped[int] = mapped_column(ForeignKey("rbm_trials.id"), primary_key=True)
-    stage: Mapped[str] = mapped_column(String(16))  # the last finished stage: rbm or dbn
-    config_key: Mapped[str] = mapped_column(String(64), index=True)  # sha256 hex, study.checkpoints.config_key
-    data: Mapped[bytes] = mapped_column(LargeBinary)  # study.checkpoints.pack: epoch rows + LabCheckpoint bytes
-    created_at: Mapped[datetime] = mapped_column(DateTime)
-
-
-class Driver(Base):
-    """The lease of a study's one live driver: taken by `launch`/`resume`, renewed by a heartbeat,
-    released (token NULL) on a clean stop. A driver is alive while its heartbeat is fresh and, on
-    its own host, its pid runs (`study.lease`)."""
-
-    __tablename__ = "rbm_drivers"
-    study_id: Mapped[int] = mapped_column(ForeignKey("rbm_studies.id"), primary_key=True)
-    host: Mapped[str] = mapped_column(String(255))
-    pid: Mapped[int] = mapped_column(Integer)
-    started_at: Mapped[datetime] = mapped_column(DateTime)
-    heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
-    token: Mapped[str | None] = mapped_column(String(32), nullable=True)  # NULL: released
+# The lease of a study's one live driver: taken by `launch`/`resume`, renewed by a heartbeat,
+# released (token NULL) on a clean stop. A driver is alive while its heartbeat is fresh and, on its
+# own host, its pid runs (`study.lease`).
+drivers = Table(
+    "rbm_drivers", metadata,
+    Column("study_id", ForeignKey("rbm_studies.id"), primary_key=True),
+    _required("host", String(255)),
+    _required("pid", Integer),
+    _required("started_at", DateTime),
+    _required("heartbeat_at", DateTime),
+    Column("token", String(32)),  # NULL: released
+)

@@ -2,7 +2,7 @@
 
 Shaped like Optuna's storage layer: a `StudyStorage` object with one method per operation, each
 operation one transaction, plain frozen records (`StudyInfo`, `TrialInfo`) going out, so no caller
-ever holds a session or an ORM object. That is what makes a SIGKILL at any moment harmless: SQLite
+ever holds a connection or a row. That is what makes a SIGKILL at any moment harmless: SQLite
 in WAL mode either has a whole transaction or none of it, and every state a study can be found in
 after a crash is one that `study.driver` knows how to resume from.
 
@@ -21,6 +21,7 @@ branch says why; a password in a URL is never shown (`Target.display`) nor store
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -34,26 +35,33 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import URL, Engine, Table, create_engine, event, func, inspect, make_url, select, update
+from sqlalchemy import (
+    URL,
+    Connection,
+    Engine,
+    Row,
+    Table,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    make_url,
+    select,
+    update,
+)
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
-from sqlalchemy.orm import Session
 
 from rbm_study.core.errors import UserError
-from rbm_study.study import migrations
-from rbm_study.study.schema import (
-    APP_NAME,
-    SCHEMA_VERSION,
-    TRIAL_STATES,
-    Base,
-    Checkpoint,
-    Driver,
-    EpochMetric,
-    FinalMetric,
-    Meta,
-    Study,
-    Trial,
-    Weights,
+from rbm_study.study import migrations, schema
+from rbm_study.study.schema import APP_NAME, SCHEMA_VERSION, TRIAL_STATES
+
+# the tables, by the names the queries read best with
+Meta, Studies, Trials, Drivers = schema.meta, schema.studies, schema.trials, schema.drivers
+EpochMetrics, FinalMetrics, Weights, Checkpoints = (
+    schema.epoch_metrics, schema.final_metrics, schema.weights, schema.checkpoints,
 )
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -61,7 +69,7 @@ BUSY_TIMEOUT_MS = 30_000
 CONNECT_TIMEOUT_S = 10  # a server that does not answer is refused after this long
 PG_DRIVER = "postgresql+psycopg"
 SCHEMA_LOCK = 0x7262_6D73  # 'rbms': the advisory lock that serialises creating and migrating our tables
-NAME_LENGTH = Study.__table__.c.name.type.length or 200
+NAME_LENGTH = Studies.c.name.type.length or 200
 INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL's SQLSTATE for a write the user has no right to
 FINISHED_STATES = ("completed", "failed", "pruned")  # terminal: count toward search.num_samples
 
@@ -139,14 +147,14 @@ class DriverClaim:
     token: str
 
 
-def _study_info(row: Study) -> StudyInfo:
+def _study_info(row: Row) -> StudyInfo:
     return StudyInfo(
         row.id, row.name, row.config, row.status, row.num_samples, row.objective_metric, row.objective_mode,
         row.code_version, row.created_at, row.updated_at, row.finished_at,
     )
 
 
-def _trial_info(row: Trial, last: tuple[str, int] | None = None) -> TrialInfo:
+def _trial_info(row: Row, last: tuple[str, int] | None = None) -> TrialInfo:
     return TrialInfo(
         row.id, row.number, row.ray_trial_id, row.optuna_trial_number, row.params, row.state, row.node,
         row.attempt, row.objective_value, row.error, row.started_at, row.finished_at,
@@ -271,7 +279,7 @@ def _inspect_server(engine: Engine, target: Target) -> tuple[str, int]:
                     f"{target.display} is a PostgreSQL database but not an rbm-study one (tables: {shown}); "
                     "it was not changed. Pass a new, empty database (createdb NAME)"
                 )
-            meta = dict(con.execute(select(Meta.key, Meta.value)).all())
+            meta = dict(con.execute(select(Meta.c.key, Meta.c.value)).all())
     except DBAPIError as err:
         raise _server_error(target, err) from None
     if meta.get("app") != APP_NAME:
@@ -403,26 +411,27 @@ class StudyStorage:
             self.engine.dispose()
             raise
 
-    def _lock_schema(self, s: Session) -> None:
+    def _lock_schema(self, con: Connection) -> None:
         """Serialise creating and migrating our tables. SQLite's BEGIN IMMEDIATE already does; on a
         server, two launches into one new database would otherwise both create the tables."""
         if self.target.on_server:
-            s.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
+            con.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
 
     def _create_schema(self) -> None:
-        with self._write() as s:
-            self._lock_schema(s)
-            if "rbm_meta" in inspect(s.connection()).get_table_names():
+        with self._write() as con:
+            self._lock_schema(con)
+            if "rbm_meta" in inspect(con).get_table_names():
                 return  # another process created them while this one waited for the lock
-            Base.metadata.create_all(s.connection())
-            s.add_all([Meta(key="app", value=APP_NAME), Meta(key="schema_version", value=str(SCHEMA_VERSION))])
+            schema.metadata.create_all(con)
+            con.execute(insert(Meta), [{"key": "app", "value": APP_NAME},
+                                       {"key": "schema_version", "value": str(SCHEMA_VERSION)}])
 
     def _migrate(self) -> None:
         """Bring an older database to SCHEMA_VERSION in one transaction, and say so (stderr)."""
-        with self._write() as s:
-            self._lock_schema(s)
-            found = schema_version(s.scalar(select(Meta.value).where(Meta.key == "schema_version")), self.display)
-            added = migrations.upgrade(s.connection(), found) if found < SCHEMA_VERSION else []
+        with self._write() as con:
+            self._lock_schema(con)
+            found = schema_version(con.scalar(select(Meta.c.value).where(Meta.c.key == "schema_version")), self.display)
+            added = migrations.upgrade(con, found) if found < SCHEMA_VERSION else []
         if added:
             print(f"rbm-study: migrated {self.display} from database schema version {found} to {SCHEMA_VERSION} "
                   f"(added {'; '.join(added)})", file=sys.stderr, flush=True)
@@ -450,10 +459,11 @@ class StudyStorage:
         self.engine.dispose()
 
     @contextmanager
-    def _write(self) -> Iterator[Session]:
+    def _write(self) -> Iterator[Connection]:
+        """One write transaction: committed when the block ends, rolled back if it raises."""
         try:
-            with Session(self.engine) as session, session.begin():
-                yield session
+            with self.engine.begin() as con:
+                yield con
         except DBAPIError as err:
             # A user with read rights only (status and report need no more) gets one line, not a traceback.
             if getattr(err.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
@@ -463,14 +473,15 @@ class StudyStorage:
             raise
 
     @contextmanager
-    def _read(self) -> Iterator[Session]:
-        with Session(self.engine) as session:
-            yield session
+    def _read(self) -> Iterator[Connection]:
+        """One read transaction (rolled back when the block ends: it writes nothing)."""
+        with self.engine.connect() as con:
+            yield con
 
     # --- studies ----------------------------------------------------------------------------------
     def study_names(self) -> list[str]:
-        with self._read() as s:
-            return list(s.scalars(select(Study.name).order_by(Study.id)))
+        with self._read() as con:
+            return list(con.scalars(select(Studies.c.name).order_by(Studies.c.id)))
 
     def require_new_name(self, name: str) -> None:
         """Raise StudyExistsError (pointing to `resume`) when the file already holds `name`."""
@@ -493,21 +504,19 @@ class StudyStorage:
             raise StorageError(f"study name {name[:40]!r}... is longer than {NAME_LENGTH} characters; pick a "
                                "shorter --name")
         try:
-            with self._write() as s:
-                if s.scalar(select(Study.id).where(Study.name == name)) is not None:
+            with self._write() as con:
+                if con.scalar(select(Studies.c.id).where(Studies.c.name == name)) is not None:
                     raise self._exists(name)
-                t = self._clock(s)
-                row = Study(
+                t = self._clock(con)
+                study_id = con.execute(insert(Studies).values(
                     name=name, config=config, status="running", num_samples=num_samples,
                     objective_metric=objective_metric, objective_mode=objective_mode, code_version=code_version,
                     created_at=t, updated_at=t,
-                )
-                s.add(row)
-                s.flush()
+                )).inserted_primary_key[0]
                 if driver is not None:
-                    s.add(Driver(study_id=row.id, host=driver.host, pid=driver.pid, started_at=t, heartbeat_at=t,
-                                 token=driver.token))
-                return _study_info(row)
+                    con.execute(insert(Drivers).values(study_id=study_id, host=driver.host, pid=driver.pid,
+                                                       started_at=t, heartbeat_at=t, token=driver.token))
+                return _study_info(con.execute(select(Studies).where(Studies.c.id == study_id)).one())
         except IntegrityError:  # the same name created by another process a moment ago
             raise self._exists(name) from None
 
@@ -516,56 +525,56 @@ class StudyStorage:
         """The study's driver record; None if it never had one (or the database predates leases)."""
         if self.schema_version < 2:
             return None
-        with self._read() as s:
-            row = s.get(Driver, study_id)
+        with self._read() as con:
+            row = con.execute(select(Drivers).where(Drivers.c.study_id == study_id)).first()
             if row is None:
                 return None
-            return DriverInfo(row.host, row.pid, row.started_at, row.heartbeat_at, row.token, self._clock(s))
+            return DriverInfo(row.host, row.pid, row.started_at, row.heartbeat_at, row.token, self._clock(con))
 
-    def _clock(self, s: Session) -> datetime:
+    def _clock(self, con: Connection) -> datetime:
         """Now, for the lease's times: on a server, the server's clock (UTC), so that drivers and
         readers on hosts whose clocks disagree still agree on a heartbeat's age; a file's is this host's."""
         if not self.target.on_server:
             return now()
-        return s.scalar(select(func.timezone("UTC", func.clock_timestamp())))
+        return con.scalar(select(func.timezone("UTC", func.clock_timestamp())))
 
     def take_driver(self, study_id: int, claim: DriverClaim, seen: DriverInfo | None) -> bool:
         """Compare-and-swap the lease to `claim`, if the record is still the `seen` one (the caller
         judged it free or dead). False when another process got there first."""
         try:
-            with self._write() as s:
-                t = self._clock(s)
+            with self._write() as con:
+                t = self._clock(con)
                 values = {"host": claim.host, "pid": claim.pid, "started_at": t, "heartbeat_at": t,
                           "token": claim.token}
                 if seen is None:
-                    s.add(Driver(study_id=study_id, **values))
+                    con.execute(insert(Drivers).values(study_id=study_id, **values))
                     return True
-                same = Driver.token.is_(None) if seen.token is None else Driver.token == seen.token
-                result = s.execute(update(Driver).where(Driver.study_id == study_id, same).values(**values))
+                same = Drivers.c.token.is_(None) if seen.token is None else Drivers.c.token == seen.token
+                result = con.execute(update(Drivers).where(Drivers.c.study_id == study_id, same).values(**values))
                 return result.rowcount == 1
         except IntegrityError:
             return False
 
     def renew_driver(self, study_id: int, token: str) -> bool:
         """The heartbeat; False if the lease is no longer this driver's."""
-        with self._write() as s:
-            result = s.execute(
-                update(Driver).where(Driver.study_id == study_id, Driver.token == token)
-                .values(heartbeat_at=self._clock(s))
+        with self._write() as con:
+            result = con.execute(
+                update(Drivers).where(Drivers.c.study_id == study_id, Drivers.c.token == token)
+                .values(heartbeat_at=self._clock(con))
             )
             return result.rowcount == 1
 
     def release_driver(self, study_id: int, token: str) -> None:
-        with self._write() as s:
-            s.execute(
-                update(Driver).where(Driver.study_id == study_id, Driver.token == token)
-                .values(token=None, heartbeat_at=self._clock(s))
+        with self._write() as con:
+            con.execute(
+                update(Drivers).where(Drivers.c.study_id == study_id, Drivers.c.token == token)
+                .values(token=None, heartbeat_at=self._clock(con))
             )
 
     def get_study(self, name: str | None) -> StudyInfo:
         """The named study; with no name, the only one in the file."""
-        with self._read() as s:
-            names = list(s.scalars(select(Study.name).order_by(Study.id)))
+        with self._read() as con:
+            names = list(con.scalars(select(Studies.c.name).order_by(Studies.c.id)))
             if name is None:
                 if len(names) == 1:
                     name = names[0]
@@ -575,18 +584,17 @@ class StudyStorage:
                     raise UnknownStudyError(
                         f"{self.display} holds several studies; pass --name, one of: {', '.join(names)}"
                     )
-            row = s.scalar(select(Study).where(Study.name == name))
+            row = con.execute(select(Studies).where(Studies.c.name == name)).first()
             if row is None:
                 listed = ", ".join(names) if names else "none"
                 raise UnknownStudyError(f"no study named {name!r} in {self.display}; studies there: {listed}")
             return _study_info(row)
 
     def set_study_status(self, study_id: int, status: str) -> None:
-        with self._write() as s:
-            row = s.get_one(Study, study_id)
-            row.status = status
-            row.updated_at = now()
-            row.finished_at = now() if status == "completed" else None
+        with self._write() as con:
+            t = now()
+            con.execute(update(Studies).where(Studies.c.id == study_id).values(
+                status=status, updated_at=t, finished_at=t if status == "completed" else None))
 
     # --- trials -----------------------------------------------------------------------------------
     def start_trial(
@@ -604,33 +612,35 @@ class StudyStorage:
         the values of the attempt that made the checkpoint, so (trial, stage, epoch, name) stays
         one row with one value.
         """
-        with self._write() as s:
-            row = s.scalar(select(Trial).where(Trial.study_id == study_id, Trial.ray_trial_id == ray_trial_id))
+        with self._write() as con:
+            row = con.execute(
+                select(Trials).where(Trials.c.study_id == study_id, Trials.c.ray_trial_id == ray_trial_id)
+            ).first()
             if row is None:
-                interrupted = s.scalars(
-                    select(Trial).where(Trial.study_id == study_id, Trial.state == "interrupted").order_by(Trial.number)
+                interrupted = con.execute(
+                    select(Trials).where(Trials.c.study_id == study_id, Trials.c.state == "interrupted")
+                    .order_by(Trials.c.number)
                 )
                 row = next((r for r in interrupted if _same(r.params, params)), None)
+            t = now()
+            values = {"ray_trial_id": ray_trial_id, "optuna_trial_number": optuna_trial_number, "config": config,
+                      "state": "running", "started_at": t, "error": None, "finished_at": None}
             if row is not None:
-                row.attempt += 1
-                row.error = None
-                row.finished_at = None
+                trial_id = row.id
+                con.execute(update(Trials).where(Trials.c.id == trial_id).values(attempt=row.attempt + 1, **values))
             else:
-                number = s.scalar(select(func.coalesce(func.max(Trial.number), -1)).where(Trial.study_id == study_id))
-                row = Trial(study_id=study_id, number=number + 1, params=params, attempt=1)
-                s.add(row)
-            row.ray_trial_id = ray_trial_id
-            row.optuna_trial_number = optuna_trial_number
-            row.config = config
-            row.state = "running"
-            row.started_at = now()
-            s.get_one(Study, study_id).updated_at = now()
-            s.flush()
-            return _trial_info(row)
+                number = con.scalar(
+                    select(func.coalesce(func.max(Trials.c.number), -1)).where(Trials.c.study_id == study_id)
+                )
+                trial_id = con.execute(insert(Trials).values(
+                    study_id=study_id, number=number + 1, params=params, attempt=1, **values
+                )).inserted_primary_key[0]
+            con.execute(update(Studies).where(Studies.c.id == study_id).values(updated_at=t))
+            return _trial_info(con.execute(select(Trials).where(Trials.c.id == trial_id)).one())
 
     def set_trial_node(self, trial_id: int, node: str) -> None:
-        with self._write() as s:
-            s.get_one(Trial, trial_id).node = node
+        with self._write() as con:
+            con.execute(update(Trials).where(Trials.c.id == trial_id).values(node=node))
 
     def add_epoch_metrics(self, trial_id: int, stage: str, epoch: int, metrics: dict[str, float]) -> None:
         rows = [
@@ -640,12 +650,12 @@ class StudyStorage:
         ]
         if not rows:
             return
-        stmt = self._insert(EpochMetric.__table__).values(rows)
+        stmt = self._insert(EpochMetrics).values(rows)
         stmt = stmt.on_conflict_do_update(
             index_elements=["trial_id", "stage", "epoch", "name"], set_={"value": stmt.excluded.value}
         )
-        with self._write() as s:
-            s.execute(stmt)
+        with self._write() as con:
+            con.execute(stmt)
 
     def finish_trial(
         self, trial_id: int, state: str, *, objective_value: float | None = None,
@@ -655,55 +665,54 @@ class StudyStorage:
         """Everything a finished trial leaves, in one transaction: all of it or none of it."""
         if state not in (*FINISHED_STATES, "interrupted"):
             raise ValueError(f"not a final trial state: {state}")
-        with self._write() as s:
-            row = s.get_one(Trial, trial_id)
-            row.state = state
-            row.objective_value = objective_value
-            row.error = error
-            row.finished_at = now()
+        with self._write() as con:
+            t = now()
+            con.execute(update(Trials).where(Trials.c.id == trial_id).values(
+                state=state, objective_value=objective_value, error=error, finished_at=t))
             if final_metrics:
-                s.query(FinalMetric).filter(FinalMetric.trial_id == trial_id).delete()
-                s.add_all(
-                    FinalMetric(trial_id=trial_id, name=k, value=float(v))
-                    for k, v in final_metrics.items()
-                    if _storable(v)
-                )
+                con.execute(delete(FinalMetrics).where(FinalMetrics.c.trial_id == trial_id))
+                rows = [{"trial_id": trial_id, "name": k, "value": float(v)}
+                        for k, v in final_metrics.items() if _storable(v)]
+                if rows:
+                    con.execute(insert(FinalMetrics), rows)
             if weights:
-                s.query(Weights).filter(Weights.trial_id == trial_id).delete()
-                s.add_all(Weights(trial_id=trial_id, file_name=k, data=v) for k, v in weights.items())
+                con.execute(delete(Weights).where(Weights.c.trial_id == trial_id))
+                con.execute(insert(Weights), [{"trial_id": trial_id, "file_name": k, "data": v}
+                                              for k, v in weights.items()])
             if state in FINISHED_STATES:  # never run again: its checkpoint is dead weight
-                s.query(Checkpoint).filter(Checkpoint.trial_id == trial_id).delete()
-            s.get_one(Study, row.study_id).updated_at = now()
-            s.flush()
+                con.execute(delete(Checkpoints).where(Checkpoints.c.trial_id == trial_id))
+            row = con.execute(select(Trials).where(Trials.c.id == trial_id)).one()
+            con.execute(update(Studies).where(Studies.c.id == row.study_id).values(updated_at=t))
             return _trial_info(row)
 
     def interrupt_running(self, study_id: int) -> list[TrialInfo]:
         """Trials still 'running' in the file belong to a driver that died: mark them interrupted."""
-        with self._write() as s:
-            rows = list(s.scalars(select(Trial).where(Trial.study_id == study_id, Trial.state == "running")))
-            for row in rows:
-                row.state = "interrupted"
-                row.error = "the driver stopped while this trial ran; it runs again on resume"
-            return [_trial_info(r) for r in rows]
+        error = "the driver stopped while this trial ran; it runs again on resume"
+        running = (Trials.c.study_id == study_id, Trials.c.state == "running")
+        with self._write() as con:
+            rows = con.execute(select(Trials).where(*running)).all()
+            con.execute(update(Trials).where(*running).values(state="interrupted", error=error))
+            return [dataclasses.replace(_trial_info(r), state="interrupted", error=error) for r in rows]
 
     # --- stage checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, trial_id: int, stage: str, config_key: str, data: bytes) -> None:
         """The trial's latest stage checkpoint (one a trial: a later one replaces it)."""
-        stmt = self._insert(Checkpoint.__table__).values(
+        stmt = self._insert(Checkpoints).values(
             trial_id=trial_id, stage=stage, config_key=config_key, data=data, created_at=now()
         )
         stmt = stmt.on_conflict_do_update(
             index_elements=["trial_id"],
             set_={k: stmt.excluded[k] for k in ("stage", "config_key", "data", "created_at")},
         )
-        with self._write() as s:
-            s.execute(stmt)
+        with self._write() as con:
+            con.execute(stmt)
 
     def checkpoint(self, trial_id: int) -> tuple[str, str, bytes] | None:
         """(stage, config_key, data) of the trial's checkpoint, if it has one."""
-        with self._read() as s:
-            row = s.execute(
-                select(Checkpoint.stage, Checkpoint.config_key, Checkpoint.data).where(Checkpoint.trial_id == trial_id)
+        with self._read() as con:
+            row = con.execute(
+                select(Checkpoints.c.stage, Checkpoints.c.config_key, Checkpoints.c.data)
+                .where(Checkpoints.c.trial_id == trial_id)
             ).first()
             return None if row is None else (row[0], row[1], row[2])
 
@@ -712,12 +721,12 @@ class StudyStorage:
         two share a key: the run is seeded, so either is valid for any trial with that config)."""
         order = {"rbm": 0, "dbn": 1}
         found: dict[str, tuple[int, bytes]] = {}
-        with self._read() as s:
-            for key, stage, data in s.execute(
-                select(Checkpoint.config_key, Checkpoint.stage, Checkpoint.data)
-                .join(Trial, Trial.id == Checkpoint.trial_id)
-                .where(Trial.study_id == study_id, Trial.state == "interrupted")
-                .order_by(Trial.number)
+        with self._read() as con:
+            for key, stage, data in con.execute(
+                select(Checkpoints.c.config_key, Checkpoints.c.stage, Checkpoints.c.data)
+                .join(Trials, Trials.c.id == Checkpoints.c.trial_id)
+                .where(Trials.c.study_id == study_id, Trials.c.state == "interrupted")
+                .order_by(Trials.c.number)
             ):
                 rank = order.get(stage, -1)
                 if key not in found or rank > found[key][0]:
@@ -725,82 +734,81 @@ class StudyStorage:
         return {key: data for key, (_, data) in found.items()}
 
     def trials(self, study_id: int) -> list[TrialInfo]:
-        with self._read() as s:
+        with self._read() as con:
             last: dict[int, tuple[str, int]] = {}
             order = {"rbm": 0, "dbn": 1, "finetune": 2}
-            for trial_id, stage, epoch in s.execute(
-                select(EpochMetric.trial_id, EpochMetric.stage, func.max(EpochMetric.epoch))
-                .join(Trial, Trial.id == EpochMetric.trial_id)
-                .where(Trial.study_id == study_id)
-                .group_by(EpochMetric.trial_id, EpochMetric.stage)
+            for trial_id, stage, epoch in con.execute(
+                select(EpochMetrics.c.trial_id, EpochMetrics.c.stage, func.max(EpochMetrics.c.epoch))
+                .join(Trials, Trials.c.id == EpochMetrics.c.trial_id)
+                .where(Trials.c.study_id == study_id)
+                .group_by(EpochMetrics.c.trial_id, EpochMetrics.c.stage)
             ):
                 if trial_id not in last or order.get(stage, 9) > order.get(last[trial_id][0], 9):
                     last[trial_id] = (stage, epoch)
-            rows = s.scalars(select(Trial).where(Trial.study_id == study_id).order_by(Trial.number))
+            rows = con.execute(select(Trials).where(Trials.c.study_id == study_id).order_by(Trials.c.number))
             return [_trial_info(r, last.get(r.id)) for r in rows]
 
     def counts(self, study_id: int) -> dict[str, int]:
-        with self._read() as s:
+        with self._read() as con:
             found = dict(
-                s.execute(
-                    select(Trial.state, func.count()).where(Trial.study_id == study_id).group_by(Trial.state)
+                con.execute(
+                    select(Trials.c.state, func.count()).where(Trials.c.study_id == study_id).group_by(Trials.c.state)
                 ).all()
             )
         return {state: int(found.get(state, 0)) for state in TRIAL_STATES}
 
     def final_metrics(self, trial_id: int) -> dict[str, float]:
-        with self._read() as s:
-            rows = s.execute(select(FinalMetric.name, FinalMetric.value).where(FinalMetric.trial_id == trial_id))
+        with self._read() as con:
+            rows = con.execute(
+                select(FinalMetrics.c.name, FinalMetrics.c.value).where(FinalMetrics.c.trial_id == trial_id)
+            )
             return dict(rows.all())
 
     def epoch_metrics(self, trial_id: int) -> list[tuple[str, int, str, float]]:
-        with self._read() as s:
-            return [
-                tuple(r)
-                for r in s.execute(
-                    select(EpochMetric.stage, EpochMetric.epoch, EpochMetric.name, EpochMetric.value)
-                    .where(EpochMetric.trial_id == trial_id)
-                    .order_by(EpochMetric.id)
-                )
-            ]
+        E = EpochMetrics.c
+        with self._read() as con:
+            rows = con.execute(select(E.stage, E.epoch, E.name, E.value).where(E.trial_id == trial_id).order_by(E.id))
+            return [tuple(r) for r in rows]
 
     def weights(self, trial_id: int) -> dict[str, bytes]:
-        with self._read() as s:
-            rows = s.execute(select(Weights.file_name, Weights.data).where(Weights.trial_id == trial_id))
+        with self._read() as con:
+            rows = con.execute(select(Weights.c.file_name, Weights.c.data).where(Weights.c.trial_id == trial_id))
             return dict(rows.all())
 
     # --- whole-study reads for the report (`analysis.load`) ----------------------------------------
     def studies(self) -> list[StudyInfo]:
-        with self._read() as s:
-            return [_study_info(row) for row in s.scalars(select(Study).order_by(Study.id))]
+        with self._read() as con:
+            return [_study_info(row) for row in con.execute(select(Studies).order_by(Studies.c.id))]
 
     def meta(self) -> dict[str, str]:
-        with self._read() as s:
-            return dict(s.execute(select(Meta.key, Meta.value)).all())
+        with self._read() as con:
+            return dict(con.execute(select(Meta.c.key, Meta.c.value)).all())
 
     def final_metric_rows(self, study_id: int) -> list[tuple[int, str, float]]:
         """(trial id, name, value) of every final metric of the study's trials."""
-        with self._read() as s:
-            return [tuple(r) for r in s.execute(
-                select(FinalMetric.trial_id, FinalMetric.name, FinalMetric.value)
-                .join(Trial, Trial.id == FinalMetric.trial_id).where(Trial.study_id == study_id)
+        F = FinalMetrics.c
+        with self._read() as con:
+            return [tuple(r) for r in con.execute(
+                select(F.trial_id, F.name, F.value)
+                .join(Trials, Trials.c.id == F.trial_id).where(Trials.c.study_id == study_id)
             )]
 
     def epoch_metric_rows(self, study_id: int) -> list[tuple[int, str, int, str, float]]:
         """(trial id, stage, epoch, name, value) of every per-epoch metric of the study's trials."""
-        with self._read() as s:
-            return [tuple(r) for r in s.execute(
-                select(EpochMetric.trial_id, EpochMetric.stage, EpochMetric.epoch, EpochMetric.name, EpochMetric.value)
-                .join(Trial, Trial.id == EpochMetric.trial_id).where(Trial.study_id == study_id)
-                .order_by(EpochMetric.id)
+        E = EpochMetrics.c
+        with self._read() as con:
+            return [tuple(r) for r in con.execute(
+                select(E.trial_id, E.stage, E.epoch, E.name, E.value)
+                .join(Trials, Trials.c.id == E.trial_id).where(Trials.c.study_id == study_id)
+                .order_by(E.id)
             )]
 
     def weight_sizes(self, study_id: int) -> list[tuple[int, str, int]]:
         """(trial id, file name, bytes) of the study's stored weight files."""
-        with self._read() as s:
-            return [tuple(r) for r in s.execute(
-                select(Weights.trial_id, Weights.file_name, func.length(Weights.data))
-                .join(Trial, Trial.id == Weights.trial_id).where(Trial.study_id == study_id)
+        with self._read() as con:
+            return [tuple(r) for r in con.execute(
+                select(Weights.c.trial_id, Weights.c.file_name, func.length(Weights.c.data))
+                .join(Trials, Trials.c.id == Weights.c.trial_id).where(Trials.c.study_id == study_id)
             )]
 
     def has_optuna_tables(self) -> bool:
@@ -817,9 +825,9 @@ class StudyStorage:
                     return verdict
             orphans = [
                 f"{table.name}: {n} row(s) of no trial"
-                for table in (EpochMetric.__table__, FinalMetric.__table__, Weights.__table__, Checkpoint.__table__)
+                for table in (EpochMetrics, FinalMetrics, Weights, Checkpoints)
                 if (n := con.scalar(select(func.count()).select_from(table).where(
-                    table.c.trial_id.not_in(select(Trial.id)))))
+                    table.c.trial_id.not_in(select(Trials.c.id)))))
             ]
         return "; ".join(orphans) or "ok"
 
@@ -917,15 +925,15 @@ def _copy_rows(con: Any, copy: Path, name: str | None) -> None:
     """All reads of a server snapshot, inside the caller's one transaction on `con`. The copy keeps
     the server's `rbm_meta`, so its schema version is the server's."""
     tables = set(inspect(con).get_table_names())
-    names = list(con.scalars(select(Study.name).order_by(Study.id)))
+    names = list(con.scalars(select(Studies.c.name).order_by(Studies.c.id)))
     chosen = [name] if name is not None else names if len(names) == 1 else []
-    study_ids = list(con.scalars(select(Study.id).where(Study.name.in_(chosen))))
-    trial_ids = select(Trial.id).where(Trial.study_id.in_(study_ids))
+    study_ids = list(con.scalars(select(Studies.c.id).where(Studies.c.name.in_(chosen))))
+    trial_ids = select(Trials.c.id).where(Trials.c.study_id.in_(study_ids))
     engine = create_engine(f"sqlite:///{copy}")
     try:
         with engine.begin() as out:
-            ours = [t for t in Base.metadata.sorted_tables if t.name in tables]
-            Base.metadata.create_all(out, tables=ours)
+            ours = [t for t in schema.metadata.sorted_tables if t.name in tables]
+            schema.metadata.create_all(out, tables=ours)
             for table in ours:
                 query = select(table)
                 if table.name in ("rbm_trials", "rbm_drivers"):
