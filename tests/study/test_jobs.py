@@ -89,8 +89,11 @@ def head(tmp_path_factory) -> Iterator[Head]:
     head_env = {"RAY_NODE_IP": "127.0.0.1", "RAY_NUM_CPUS": "2", "RAY_PORT": str(free_port()),
                 "RAY_DASHBOARD": "true", "RBM_STUDY_NODE": "head", "PYTHON": sys.executable,
                 "PATH": f"{BIN}:{env()['PATH']}", "PGPASSFILE": str(pgpass)}
+    # every port of its own: another Ray on this machine (a local study's) holds the agent's default 52365,
+    # and a head whose dashboard agent cannot bind has no agent to run jobs ("No available agent")
     proc = start(["bash", str(ENTRYPOINT), "head", "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                  url.rsplit(":", 1)[1], "--object-store-memory", "150000000"], logs / "head.log", head_env)
+                  url.rsplit(":", 1)[1], "--dashboard-agent-listen-port", str(free_port()),
+                  "--object-store-memory", "150000000"], logs / "head.log", head_env)
     try:
         wait_for(lambda: _answers(url), 180, "the head's job server", proc, logs / "head.log")
         yield Head(url, proc, logs / "head.log", pgpass)
