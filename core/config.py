@@ -25,6 +25,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from rbm_study.core.errors import UserError
 from rbm_study.core.evaluate import RAISE_BETAS, RAISE_CHAINS, RAISE_IMAGES
+from rbm_study.core.metrics import STAGES
 from rbm_study.core.train import CDSettings
 
 
@@ -112,6 +113,9 @@ class EvalConfig(Section):
     raise_images: int = Field(RAISE_IMAGES, ge=0)
     raise_chains: int = Field(RAISE_CHAINS, ge=1)
     raise_betas: int = Field(RAISE_BETAS, ge=3)
+    # the models RAISE scores: the RBM, and the greedy and fine-tuned DBNs (there it anneals the top
+    # RBM back from h1 ~ Q(h1 | v)); a stage left out has only AIS's side, and the report says so
+    raise_stages: list[Literal["rbm", "dbn", "finetune"]] = Field(default_factory=lambda: list(STAGES))
     # the likelihood curve: a cheap AIS every curve_every epochs of each stage (0 = never), on the
     # first curve_images validation images. On a 784-100 CD-1 RBM, 16 x 5,000 scatters by about 2
     # nats from seed to seed, where 2,000 inverse temperatures were up to 6 nats optimistic

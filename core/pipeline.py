@@ -18,6 +18,7 @@ Every log-likelihood comes with its uncertainty (`core.evaluate`, "Uncertainty")
     {stage}.{split}.log_likelihood_stderr        standard error over the scored images
     {stage}.log_z_sd                             spread of log Z over eval.ais_repeats AIS runs (0 for one)
     {stage}.test.log_likelihood_raise[_stderr]   RAISE on the first eval.raise_images test images
+                                                 (the stages in eval.raise_stages)
     {stage}.test.log_likelihood_raise_gap[_stderr]  RAISE minus the forward estimate, image by image,
                                                  on those images (negative: RAISE is the lower one)
 
@@ -164,8 +165,10 @@ def run_lab(
     epochs = {"rbm": config.rbm.epochs, "dbn": config.dbn.epochs, "finetune": config.finetune.epochs}
     bar = tqdm(total=sum(epochs.values()), initial=sum(epochs[stage] for stage in STAGES[:done]),
                disable=not progress, unit="epoch", dynamic_ncols=True)
-    # the settings behind the estimates travel with them
-    metrics: dict[str, float] = {f"eval.{key}": float(value) for key, value in e if key != "size"}
+    # the settings behind the estimates travel with them: the numeric ones, as metrics (size may be
+    # None, raise_stages is a list; the stored config holds both)
+    metrics: dict[str, float] = {f"eval.{key}": float(value) for key, value in e
+                                 if key not in ("size", "raise_stages")}
     epoch_log: dict[str, list[float]] = {stage: [] for stage in STAGES}
     models: dict[str, dict[str, torch.Tensor]] = {}
     if resume_from is not None:
@@ -208,7 +211,7 @@ def run_lab(
 
     def reverse_estimates(stage: str, scored: _Scored, run: Callable[..., evaluate.RaiseEstimate]) -> None:
         """RAISE on the first eval.raise_images images of each split in RAISE_SPLITS (timed)."""
-        if e.raise_images == 0:
+        if e.raise_images == 0 or stage not in e.raise_stages:
             return
         bar.set_postfix_str("RAISE")
         started = time.perf_counter()

@@ -33,6 +33,8 @@ def test_file_then_overrides(tmp_path):
         ("rbm.momentum=1.5", "rbm.momentum"),
         ("rbm.persistent=maybe", "rbm.persistent"),
         ("rbm.cdk=2", "rbm.cdk"),
+        ("eval.raise_stages=[rbm, top]", "eval.raise_stages"),
+        ("eval.raise_stages=rbm", "eval.raise_stages"),
         ("nonsense", "key=value"),
     ],
 )
@@ -65,6 +67,8 @@ def test_override_parsing():
     assert load_config(None, ["rbm.learning_rate=1e-3"]).rbm.learning_rate == 0.001
     assert parse_override("data.root=/x/y") == ("data.root", "/x/y")
     assert set(keys(LabConfig)) >= {"rbm.cd_k", "eval.ais_betas", "finetune.epochs"}
+    assert load_config(None, []).eval.raise_stages == ["rbm", "dbn", "finetune"]
+    assert load_config(None, ["eval.raise_stages=[rbm]"]).eval.raise_stages == ["rbm"]
 
 
 @pytest.mark.parametrize(

@@ -130,7 +130,11 @@ def test_evaluation_settings_leave_the_trained_models_alone(mnist):
                     data=mnist)
     measured = run_lab(load_config("configs/lab.yaml", [*TINY, *CHEAP_RAISE, "device=cpu", "eval.curve_every=1",
                                                         "eval.ais_repeats=2", "eval.curve_images=20",
-                                                        "eval.curve_betas=20", "eval.ais_chains=5"]), data=mnist)
+                                                        "eval.curve_betas=20", "eval.ais_chains=5",
+                                                        "eval.raise_stages=[rbm, finetune]"]), data=mnist)
     assert torch.equal(plain.finetuned.R, measured.finetuned.R) and torch.equal(plain.dbn.top.W, measured.dbn.top.W)
     assert "rbm.test.log_likelihood_raise" not in plain.metrics and "rbm.raise_seconds" not in plain.metrics
+    # RAISE on the stages asked for only: the greedy DBN keeps AIS's side alone
+    assert {f"{s}.test.log_likelihood_raise" in measured.metrics for s in ("rbm", "finetune")} == {True}
+    assert "dbn.test.log_likelihood_raise" not in measured.metrics and "dbn.raise_seconds" not in measured.metrics
     assert plain.metrics["rbm.curve_seconds"] == 0.0
