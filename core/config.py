@@ -115,7 +115,7 @@ class EvalConfig(Section):
     raise_betas: int = Field(RAISE_BETAS, ge=3)
     # the models RAISE scores: the RBM, and the greedy and fine-tuned DBNs (there it anneals the top
     # RBM back from h1 ~ Q(h1 | v)); a stage left out has only AIS's side, and the report says so
-    raise_stages: list[Literal["rbm", "dbn", "finetune"]] = Field(default_factory=lambda: list(STAGES))
+    raise_stages: list[Literal[STAGES]] = Field(default_factory=lambda: list(STAGES))  # names from core.metrics
     # the likelihood curve: a cheap AIS every curve_every epochs of each stage (0 = never), on the
     # first curve_images validation images. On a 784-100 CD-1 RBM, 16 x 5,000 scatters by about 2
     # nats from seed to seed, where 2,000 inverse temperatures were up to 6 nats optimistic
