@@ -445,6 +445,9 @@ def settings_text(trials: pd.DataFrame, configs: dict[int, dict]) -> str:
     every = get("eval.curve_every")
     if every and every != "0":
         curve = "likelihood curves every " + ("epoch" if every == "1" else f"{every} epochs")
+        drawn = {tuple(get_dotted(configs.get(int(t), {}), "eval.curve_stages", STAGES)) for t in trials["trial_id"]}
+        if len(drawn) == 1 and set(stages := next(iter(drawn))) != set(STAGES):
+            curve += " of the " + " and the ".join(STAGES[s] for s in STAGES if s in stages) + " only"
         c_chains, c_betas, c_images = get("eval.curve_chains"), get("eval.curve_betas"), get("eval.curve_images")
         if c_chains or c_betas:
             curve += (f" (AIS with {c_chains or '?'} chains x {c_betas or '?'} inverse temperatures"
@@ -458,7 +461,12 @@ def settings_text(trials: pd.DataFrame, configs: dict[int, dict]) -> str:
             costs.append((what, total))
     if costs:
         spent = sum(total for _, total in costs)
-        text += " Evaluation per trial (median; AIS over all three models): " + ", ".join(
+        if any(_has(trials, f"{stage}.eval_seconds") for stage in STAGES):
+            # all the measuring, the final scores and bounds and the per-epoch signals included
+            everything = sum(_column(trials, f"{stage}.eval_seconds").fillna(0.0) for stage in STAGES)
+            costs.append(("the rest (scores, bounds, per-epoch signals)", everything - spent))
+            spent = everything
+        text += " Evaluation per trial (median; each over all three models): " + ", ".join(
             f"{what} {fmt(float(total.median()), 1)} s" for what, total in costs)
         if "seconds" in trials and _column(trials, "seconds").gt(0).any():
             share = (spent / _column(trials, "seconds")).replace([np.inf, -np.inf], np.nan).dropna()

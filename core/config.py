@@ -123,6 +123,8 @@ class EvalConfig(Section):
     curve_chains: int = Field(16, ge=1)
     curve_betas: int = Field(5_000, ge=3)
     curve_images: int = Field(1_000, ge=1)
+    # the stages whose curve is drawn (the DBN stages' is their bound, with AIS on the top RBM)
+    curve_stages: list[Literal[STAGES]] = Field(default_factory=lambda: list(STAGES))
 
 
 class LabConfig(Section):

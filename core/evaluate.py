@@ -240,6 +240,53 @@ def base_log_z(rbm: RBM, base_visible_bias: torch.Tensor | None = None) -> float
     return rbm.n_hidden * math.log(2) + F.softplus(a_A.double()).sum().item()
 
 
+class _TemperedChains:
+    """Chains of the tempered family p*_k (module docstring), one per row, for AIS and RAISE.
+
+    Both estimators alternate two moves at β_k: the Gibbs step T_k, and the log ratio
+    log p*_k(v) - log p*_{k-1}(v) at the chains' states,
+
+        (β_k - β_{k-1}) (a_B - a_A)'v + sum_j softplus(β_k x_j) - softplus(β_{k-1} x_j),   x = b + vW.
+
+    With tens of chains the matrix products are small and each torch operation's fixed cost, not
+    its arithmetic, sets the pace, so a step is a few operations on buffers made once: both
+    temperatures' softplus come from one operation on [rows, 2, H] (float64: their difference is
+    tiny beside them), its sum with signs from one matrix-vector product, and the Bernoulli draws
+    go straight into their buffers. The chains run in the model's dtype, the log ratios in float64.
+    """
+
+    def __init__(self, rbm: RBM, a_A: torch.Tensor, v: torch.Tensor, beta: list[float], sample: AnnealingSampler):
+        rows, H = v.shape[0], rbm.n_hidden
+        self.rbm, self.a_A, self.a_diff, self.beta = rbm, a_A, rbm.a - a_A, beta
+        self.v = v.clone(memory_format=torch.contiguous_format)  # the chains' visible states
+        self.x = torch.addmm(rbm.b, self.v, rbm.W)  # b + vW at those states
+        self.p_h, self.h = (torch.empty(rows, H, dtype=v.dtype, device=v.device) for _ in range(2))
+        self.p_v = torch.empty_like(self.v)
+        self.linear = torch.empty(rows, dtype=v.dtype, device=v.device)  # (a_B - a_A)'v
+        self.sample_h, self.sample_v = sample.into(self.p_h, self.h), sample.into(self.p_v, self.v)
+        # (β_k, β_{k-1}) as a float64 column for each k >= 1, and +1 / -1 to sum their softplus' difference
+        b64 = torch.tensor(beta, dtype=torch.float64, device=v.device)
+        self.pairs = torch.stack([b64[1:], b64[:-1]], dim=1).unsqueeze(-1).unbind(0)
+        self.signs = torch.cat([b64.new_ones(H), -b64.new_ones(H)])
+
+    def add_log_ratio(self, log_w: torch.Tensor, k: int, sign: float = 1.0) -> None:
+        """log_w += sign (log p*_k(v) - log p*_{k-1}(v)) at the chains' current states."""
+        both = F.softplus(self.x.unsqueeze(1) * self.pairs[k - 1])  # [rows, 2, H], float64
+        log_w.addmv_(both.view(both.shape[0], -1), self.signs, alpha=sign)
+        torch.mv(self.v, self.a_diff, out=self.linear)
+        log_w.add_(self.linear, alpha=sign * (self.beta[k] - self.beta[k - 1]))
+
+    def gibbs(self, k: int) -> None:
+        """One Gibbs step at β_k: h ~ sigmoid(β_k x), v ~ sigmoid((1 - β_k) a_A + β_k (a_B + W h))."""
+        beta, rbm = self.beta[k], self.rbm
+        torch.mul(self.x, beta, out=self.p_h).sigmoid_()
+        self.sample_h()
+        visible_bias = torch.lerp(self.a_A, rbm.a, beta)
+        torch.addmm(visible_bias, self.h, rbm.W.T, alpha=beta, out=self.p_v).sigmoid_()
+        self.sample_v()
+        torch.addmm(rbm.b, self.v, rbm.W, out=self.x)
+
+
 @torch.no_grad()
 def ais_log_weights(
     rbm: RBM,
@@ -250,25 +297,15 @@ def ais_log_weights(
 ) -> torch.Tensor:
     """log w of `chains` AIS chains (float64, on the model's device); E[w] = Z_B / Z_A."""
     beta = _schedule(betas)
-    W, a_B, b = rbm.W, rbm.a, rbm.b
     a_A = _base_bias(rbm, base_visible_bias)
-    a_diff = a_B - a_A
-
-    sample = AnnealingSampler(generator, rbm.device, W.dtype)
-    v = sample(torch.sigmoid(a_A).expand(chains, -1))
+    sample = AnnealingSampler(generator, rbm.device, rbm.W.dtype)
+    run = _TemperedChains(rbm, a_A, sample(torch.sigmoid(a_A).expand(chains, -1)), beta, sample)
     log_w = torch.zeros(chains, dtype=torch.float64, device=rbm.device)
-    x = torch.empty(chains, rbm.n_hidden, dtype=W.dtype, device=rbm.device)
     with AdaptiveThreads().running(enabled=rbm.device.type == "cpu") as threads:
         for k in range(1, len(beta)):
-            # log p*_k(v) - log p*_{k-1}(v) at the chains' current states
-            torch.addmm(b, v, W, out=x)
-            x64 = x.double()
-            log_w += (beta[k] - beta[k - 1]) * (v @ a_diff).double()
-            log_w += (F.softplus(beta[k] * x64) - F.softplus(beta[k - 1] * x64)).sum(dim=1)
+            run.add_log_ratio(log_w, k)
             if k < len(beta) - 1:  # one Gibbs step that leaves p_k invariant
-                h = sample(torch.sigmoid(beta[k] * x))
-                visible_bias = torch.lerp(a_A, a_B, beta[k])
-                v = sample(torch.sigmoid(torch.addmm(visible_bias, h, W.T, alpha=beta[k])))
+                run.gibbs(k)
             threads.step()
     return log_w
 
@@ -471,24 +508,14 @@ def raise_log_weights(
     The chains run in the model's dtype, the log weights accumulate in float64.
     """
     beta = _schedule(betas)
-    W, a_B, b = rbm.W, rbm.a, rbm.b
     a_A = _base_bias(rbm, base_visible_bias)
-    a_diff = a_B - a_A
-    sample = AnnealingSampler(generator, rbm.device, W.dtype)
     v = _like(v, rbm)
     log_w = unnormalised_log_p(rbm, v) - base_log_z(rbm, base_visible_bias)  # log p*_K(v) - log Z_A
-    x = torch.addmm(b, v, W)
+    run = _TemperedChains(rbm, a_A, v, beta, AnnealingSampler(generator, rbm.device, rbm.W.dtype))
     with AdaptiveThreads().running(enabled=rbm.device.type == "cpu") as threads:
         for k in range(len(beta) - 1, 0, -1):
-            # the move T_k: a Gibbs step that leaves p_k invariant (and is its own reversal)
-            h = sample(torch.sigmoid(beta[k] * x))
-            visible_bias = torch.lerp(a_A, a_B, beta[k])
-            v = sample(torch.sigmoid(torch.addmm(visible_bias, h, W.T, alpha=beta[k])))
-            # log p*_{k-1}(v_{k-1}) - log p*_k(v_{k-1}) at the new states
-            torch.addmm(b, v, W, out=x)
-            x64 = x.double()
-            log_w -= (beta[k] - beta[k - 1]) * (v @ a_diff).double()
-            log_w -= (F.softplus(beta[k] * x64) - F.softplus(beta[k - 1] * x64)).sum(dim=1)
+            run.gibbs(k)  # the move T_k: a Gibbs step that leaves p_k invariant (and is its own reversal)
+            run.add_log_ratio(log_w, k, sign=-1.0)  # log p*_{k-1}(v_{k-1}) - log p*_k(v_{k-1})
             threads.step()
     return log_w
 

@@ -19,7 +19,7 @@ _PER_SPLIT = ("recon_error", "log_likelihood", "log_likelihood_low", "log_likeli
 _RAISE = ("log_likelihood_raise", "log_likelihood_raise_stderr", "log_likelihood_raise_gap",
           "log_likelihood_raise_gap_stderr")
 _PER_STAGE = ("log_z", "log_z_low", "log_z_high", "log_z_sd", "seconds_per_epoch", "ais_seconds", "raise_seconds",
-              "curve_seconds")
+              "curve_seconds", "eval_seconds")
 FINAL_METRICS = frozenset(
     [f"{stage}.{split}.{name}" for stage in STAGES for split in SPLITS for name in _PER_SPLIT]
     + [f"{stage}.test.{name}" for stage in STAGES for name in _RAISE]

@@ -27,8 +27,10 @@ it bounds the DBN whose top RBM is annealed, with an importance-weighted recogni
 (`core.evaluate`, "RAISE"), so each stage gets the conservative side beside AIS's. With
 eval.curve_every = N > 0 a cheap estimate (AIS with eval.curve_chains x eval.curve_betas, on the
 first eval.curve_images validation images; the DBN's bound for the DBN stages) runs after every
-N-th epoch of each stage: per-epoch `val_log_likelihood` and `curve_seconds`. The seconds each
-estimator took are final metrics too (`{stage}.ais_seconds`, `.raise_seconds`, `.curve_seconds`).
+N-th epoch of each stage in eval.curve_stages: per-epoch `val_log_likelihood` and `curve_seconds`.
+The seconds each estimator took are final metrics too (`{stage}.ais_seconds`, `.raise_seconds`,
+`.curve_seconds`), and `{stage}.eval_seconds` is all the stage spent measuring rather than training:
+those three, the per-epoch signals and the final scores (log-likelihoods, DBN bounds, reconstructions).
 AIS, RAISE and the curves draw from generators of their own, seeded from the run's seed, so their
 settings (or turning them off) leave the trained models as they were.
 
@@ -43,7 +45,8 @@ import io
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -166,9 +169,9 @@ def run_lab(
     bar = tqdm(total=sum(epochs.values()), initial=sum(epochs[stage] for stage in STAGES[:done]),
                disable=not progress, unit="epoch", dynamic_ncols=True)
     # the settings behind the estimates travel with them: the numeric ones, as metrics (size may be
-    # None, raise_stages is a list; the stored config holds both)
+    # None, the stage lists are lists; the stored config holds them)
     metrics: dict[str, float] = {f"eval.{key}": float(value) for key, value in e
-                                 if key not in ("size", "raise_stages")}
+                                 if key not in ("size", "raise_stages", "curve_stages")}
     epoch_log: dict[str, list[float]] = {stage: [] for stage in STAGES}
     models: dict[str, dict[str, torch.Tensor]] = {}
     if resume_from is not None:
@@ -194,6 +197,24 @@ def run_lab(
                 on_epoch(stage, epoch, values)
 
         return callback
+
+    @contextmanager
+    def evaluating(stage: str) -> Iterator[None]:
+        """Add the block's seconds to {stage}.eval_seconds: what measuring the stage costs."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"{stage}.eval_seconds"
+            metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - started
+
+    def measured(stage: str, measure: Callable[[object], dict[str, float]]) -> Callable[[object], dict[str, float]]:
+        """Per-epoch measurements, counted in the stage's evaluation seconds."""
+        def timed(model: object) -> dict[str, float]:
+            with evaluating(stage):
+                return measure(model)
+
+        return timed
 
     def ais(stage: str, model: RBM, base_bias: torch.Tensor) -> evaluate.LogZEstimate:
         bar.set_postfix_str("estimating log Z")
@@ -230,7 +251,7 @@ def run_lab(
         def measure(model: object) -> dict[str, float]:
             nonlocal epoch
             epoch += 1
-            if e.curve_every == 0 or epoch % e.curve_every:
+            if e.curve_every == 0 or epoch % e.curve_every or stage not in e.curve_stages:
                 return {}
             started = time.perf_counter()
             value = score(model, eval_generator("curve", stage, epoch))
@@ -259,10 +280,11 @@ def run_lab(
         rbm = RBM.init(784, config.rbm.hidden_size, generator=generator, device=device, visible_bias=pixel_bias)
         rbm_curve = curve("rbm", lambda m, g: evaluate.mean_log_likelihood(m, curve_val, curve_log_z(m, pixel_bias, g)))
         train_rbm(rbm, images, config.rbm.cd_settings(), generator, _timed(report("rbm"), epoch_log["rbm"]),
-                  epoch_metrics=lambda m: {**_rbm_epoch_metrics(m, sets, generator), **rbm_curve(m)})
-        scored = _score_rbm(rbm, sets, ais("rbm", rbm, pixel_bias), generator)
-        metrics.update(_finite(scored.metrics))
-        reverse_estimates("rbm", scored, lambda v, **kw: evaluate.raise_log_likelihood(rbm, v, pixel_bias, **kw))
+                  epoch_metrics=measured("rbm", lambda m: {**_rbm_epoch_metrics(m, sets, generator), **rbm_curve(m)}))
+        with evaluating("rbm"):
+            scored = _score_rbm(rbm, sets, ais("rbm", rbm, pixel_bias), generator)
+            metrics.update(_finite(scored.metrics))
+            reverse_estimates("rbm", scored, lambda v, **kw: evaluate.raise_log_likelihood(rbm, v, pixel_bias, **kw))
         checkpoint("rbm", rbm)
     else:
         rbm = restored("rbm")
@@ -273,11 +295,12 @@ def run_lab(
         dbn_curve = curve("dbn", lambda top, g: curve_dbn_bound(_untied(DBN([rbm, top])), h1_bias, g))
         dbn_settings = config.dbn.cd_settings(config.rbm.batch_size)
         top = train_dbn_layer([rbm], config.dbn.hidden_size, images, dbn_settings, generator,
-                              _timed(report("dbn"), epoch_log["dbn"]), epoch_metrics=dbn_curve)
+                              _timed(report("dbn"), epoch_log["dbn"]), epoch_metrics=measured("dbn", dbn_curve))
         dbn = DBN([rbm.clone(), top])
-        scored = _score_dbn("dbn", _untied(dbn), sets, ais("dbn", dbn.top, h1_bias), generator)
-        metrics.update(_finite(scored.metrics))
-        reverse_estimates("dbn", scored, _dbn_raise(_untied(dbn), h1_bias))
+        with evaluating("dbn"):
+            scored = _score_dbn("dbn", _untied(dbn), sets, ais("dbn", dbn.top, h1_bias), generator)
+            metrics.update(_finite(scored.metrics))
+            reverse_estimates("dbn", scored, _dbn_raise(_untied(dbn), h1_bias))
         checkpoint("dbn", dbn)
     else:
         dbn = restored("dbn")
@@ -288,11 +311,12 @@ def run_lab(
         ft_settings = config.finetune.cd_settings(config.rbm.batch_size)
         finetuned = fine_tune(
             dbn, images, ft_settings, generator, _timed(report("finetune"), epoch_log["finetune"]),
-            epoch_metrics=curve("finetune", lambda model, g: curve_dbn_bound(model, h1_bias, g)),
+            epoch_metrics=measured("finetune", curve("finetune", lambda model, g: curve_dbn_bound(model, h1_bias, g))),
         )
-        scored = _score_dbn("finetune", finetuned, sets, ais("finetune", finetuned.top, h1_bias), generator)
-        metrics.update(_finite(scored.metrics))
-        reverse_estimates("finetune", scored, _dbn_raise(finetuned, h1_bias))
+        with evaluating("finetune"):
+            scored = _score_dbn("finetune", finetuned, sets, ais("finetune", finetuned.top, h1_bias), generator)
+            metrics.update(_finite(scored.metrics))
+            reverse_estimates("finetune", scored, _dbn_raise(finetuned, h1_bias))
 
     for stage, seconds in epoch_log.items():
         if seconds:

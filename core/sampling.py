@@ -13,6 +13,7 @@ RBM, a down pass of sampled states, and p(v = 1 | ...) at the bottom.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import numba
@@ -192,6 +193,20 @@ class AnnealingSampler:
             self._scratch = np.empty((words, kernels.LANES), dtype=np.uint64)
         _bernoulli32(kernels.flat(p), self._lanes, self._scratch, kernels.flat(out))
         return out
+
+    def into(self, p: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
+        """A call that redraws `out` ~ Bernoulli(p) in place, for buffers an annealing loop reuses.
+
+        The draws are those `__call__` would make; the call skips its per-call allocations and
+        conversions, which at tens of chains cost about as much as the sampling itself.
+        """
+        if self._lanes is None:
+            return lambda: out.copy_(bernoulli(p, self.generator))
+        if not (p.is_contiguous() and out.is_contiguous() and p.shape == out.shape):
+            raise ValueError("AnnealingSampler.into needs contiguous tensors of one shape")
+        lanes, p_np, out_np = self._lanes, kernels.flat(p), kernels.flat(out)
+        scratch = np.empty((-(-p.numel() // (2 * kernels.LANES)), kernels.LANES), dtype=np.uint64)
+        return lambda: _bernoulli32(p_np, lanes, scratch, out_np)
 
 
 # --- chains ------------------------------------------------------------------------------------------

@@ -269,3 +269,16 @@ def test_other_sizes_are_compared_by_direction_not_level():
 
 def test_no_log_likelihoods_no_paragraph():
     assert kcompare.answer_published(pd.DataFrame({"hidden": [500], "k": [1]})) is None
+
+
+def test_curves_of_some_stages_and_all_the_evaluation_seconds_are_said(tmp_path: Path):
+    stages = {"rbm.eval_seconds": 110.0, "dbn.eval_seconds": 100.0, "finetune.eval_seconds": 90.0}
+    runs = [constructed_run(1, s, -130.0 + n, curve=[-125.0 + n] * 3, extra=stages)
+            for s, n in zip(SEEDS, NOISE, strict=True)]
+    for run in runs:
+        run["config"]["eval"]["curve_stages"] = ["rbm"]
+    text = _section(tmp_path, runs)
+    assert "likelihood curves every 5 epochs of the RBM only (AIS with 32 chains" in text
+    # the RBM's AIS, RAISE and curve seconds, and the rest of the 300 s the three stages spent measuring
+    assert ("Evaluation per trial (median; each over all three models): AIS 60.0 s, RAISE 30.0 s, curves 3.0 s, "
+            "the rest (scores, bounds, per-epoch signals) 207.0 s.") in text

@@ -35,6 +35,7 @@ def test_file_then_overrides(tmp_path):
         ("rbm.cdk=2", "rbm.cdk"),
         ("eval.raise_stages=[rbm, top]", "eval.raise_stages"),
         ("eval.raise_stages=rbm", "eval.raise_stages"),
+        ("eval.curve_stages=[rbm, top]", "eval.curve_stages"),
         ("nonsense", "key=value"),
     ],
 )
@@ -69,6 +70,8 @@ def test_override_parsing():
     assert set(keys(LabConfig)) >= {"rbm.cd_k", "eval.ais_betas", "finetune.epochs"}
     assert load_config(None, []).eval.raise_stages == ["rbm", "dbn", "finetune"]
     assert load_config(None, ["eval.raise_stages=[rbm]"]).eval.raise_stages == ["rbm"]
+    assert load_config(None, []).eval.curve_stages == ["rbm", "dbn", "finetune"]
+    assert load_config(None, ["eval.curve_stages=[rbm]"]).eval.curve_stages == ["rbm"]
 
 
 @pytest.mark.parametrize(

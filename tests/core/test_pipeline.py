@@ -113,6 +113,9 @@ def test_every_log_likelihood_comes_with_its_uncertainty_and_the_estimators_seco
         assert abs(m[f"{raised}_gap"]) < 20 and m[f"{raised}_gap_stderr"] >= 0
         for timing in ("ais_seconds", "raise_seconds", "curve_seconds"):
             assert m[f"{stage}.{timing}"] > 0
+        # all the stage's measuring: the estimators, and the scores, bounds and per-epoch signals beside them
+        estimators = sum(m[f"{stage}.{timing}"] for timing in ("ais_seconds", "raise_seconds", "curve_seconds"))
+        assert estimators < m[f"{stage}.eval_seconds"] < result.seconds
     assert m["rbm.log_z_exact"] == 0.0 and m["rbm.log_z_sd"] > 0  # 24 hidden units: AIS, three runs
     assert m["dbn.log_z_exact"] == 1.0 and m["dbn.log_z_sd"] == 0.0
     expected = {"eval.ais_repeats": 3, "eval.raise_images": 10, "eval.raise_chains": 2, "eval.raise_betas": 100,
@@ -125,16 +128,26 @@ def test_every_log_likelihood_comes_with_its_uncertainty_and_the_estimators_seco
 
 
 def test_evaluation_settings_leave_the_trained_models_alone(mnist):
-    """AIS, RAISE and the curves draw from generators of their own."""
+    """AIS, RAISE and the curves draw from generators of their own; the stage lists pick what they measure."""
     plain = run_lab(load_config("configs/lab.yaml", [*TINY, *CHEAP_RAISE, "device=cpu", "eval.raise_images=0"]),
                     data=mnist)
+    curves: list[str] = []  # the stage of each curve point
+
+    def record_curve(stage: str, epoch: int, values: dict[str, float]) -> None:
+        if "val_log_likelihood" in values:
+            curves.append(stage)
+
     measured = run_lab(load_config("configs/lab.yaml", [*TINY, *CHEAP_RAISE, "device=cpu", "eval.curve_every=1",
                                                         "eval.ais_repeats=2", "eval.curve_images=20",
                                                         "eval.curve_betas=20", "eval.ais_chains=5",
-                                                        "eval.raise_stages=[rbm, finetune]"]), data=mnist)
+                                                        "eval.raise_stages=[rbm, finetune]",
+                                                        "eval.curve_stages=[rbm, dbn]"]),
+                       data=mnist, on_epoch=record_curve)
     assert torch.equal(plain.finetuned.R, measured.finetuned.R) and torch.equal(plain.dbn.top.W, measured.dbn.top.W)
     assert "rbm.test.log_likelihood_raise" not in plain.metrics and "rbm.raise_seconds" not in plain.metrics
     # RAISE on the stages asked for only: the greedy DBN keeps AIS's side alone
     assert {f"{s}.test.log_likelihood_raise" in measured.metrics for s in ("rbm", "finetune")} == {True}
     assert "dbn.test.log_likelihood_raise" not in measured.metrics and "dbn.raise_seconds" not in measured.metrics
     assert plain.metrics["rbm.curve_seconds"] == 0.0
+    # curves on the stages asked for only, one point an epoch
+    assert curves == ["rbm"] * 2 + ["dbn"] and measured.metrics["finetune.curve_seconds"] == 0.0

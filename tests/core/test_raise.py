@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rbm_study.core import evaluate
 from rbm_study.core.data import TEST_BINARIZE_SEED, binarize_once, load_mnist
@@ -143,6 +144,59 @@ def test_annealing_sampler_is_exact_at_the_ends_reproducible_and_unbiased() -> N
     assert frequency[3:].tolist() == pytest.approx([0.25, 0.5, 0.9], abs=0.004)  # 4 sigma at 200,000 draws
     sixty_four = AnnealingSampler(torch.Generator().manual_seed(1), torch.device("cpu"), torch.float64)
     assert sixty_four(p.double()).dtype == torch.float64
+
+
+def test_annealing_sampler_into_a_buffer_draws_what_a_call_draws() -> None:
+    p = torch.rand(50, 30, generator=torch.Generator().manual_seed(3))
+    for dtype in (torch.float32, torch.float16):  # the compiled loop, and torch's path
+        called = AnnealingSampler(torch.Generator().manual_seed(0), torch.device("cpu"), dtype)
+        into = AnnealingSampler(torch.Generator().manual_seed(0), torch.device("cpu"), dtype)
+        probabilities, out = p.to(dtype), torch.empty(50, 30, dtype=dtype)
+        redraw = into.into(probabilities, out)
+        for _ in range(3):
+            redraw()
+            assert torch.equal(out, called(probabilities))
+
+
+def plain_log_weights(rbm: RBM, v: torch.Tensor | None, beta: list[float], seed: int, chains: int = 0) -> torch.Tensor:
+    """AIS (v None) or RAISE (from v) written out step by step from the module docstring's formulas."""
+    sample = AnnealingSampler(torch.Generator().manual_seed(seed), rbm.device, rbm.W.dtype)
+    a_A = torch.zeros_like(rbm.a)
+
+    def log_p_star(k: int, v: torch.Tensor) -> torch.Tensor:
+        x = (rbm.b + v @ rbm.W).double()
+        return ((1 - beta[k]) * a_A + beta[k] * rbm.a).double() @ v.double().T + F.softplus(beta[k] * x).sum(1)
+
+    def gibbs(k: int, v: torch.Tensor) -> torch.Tensor:
+        h = sample(torch.sigmoid(beta[k] * (rbm.b + v @ rbm.W)))
+        return sample(torch.sigmoid((1 - beta[k]) * a_A + beta[k] * (rbm.a + h @ rbm.W.T)))
+
+    K = len(beta) - 1
+    if v is None:
+        v = sample(torch.sigmoid(a_A).expand(chains, -1))
+        log_w = torch.zeros(chains, dtype=torch.float64)
+        for k in range(1, K + 1):
+            log_w += log_p_star(k, v) - log_p_star(k - 1, v)
+            if k < K:
+                v = gibbs(k, v)
+        return log_w
+    log_w = log_p_star(K, v) - evaluate.base_log_z(rbm)
+    for k in range(K, 0, -1):
+        v = gibbs(k, v)
+        log_w += log_p_star(k - 1, v) - log_p_star(k, v)
+    return log_w
+
+
+def test_ais_and_raise_weights_are_the_formulas_written_out() -> None:
+    """The annealing loops' fused steps against the formulas, with the same random numbers."""
+    model = random_rbm(30, 8, seed=9, std=0.7)
+    rbm = RBM(model.W.float(), model.a.float(), model.b.float())
+    beta = evaluate.ais_betas(60).tolist()
+    ais = evaluate.ais_log_weights(rbm, chains=7, betas=60, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(ais, plain_log_weights(rbm, None, beta, seed=4, chains=7), rtol=0, atol=1e-4)
+    v = (torch.rand(5, 30, generator=torch.Generator().manual_seed(5)) < 0.5).float()
+    reverse = evaluate.raise_log_weights(rbm, v, betas=60, generator=torch.Generator().manual_seed(6))
+    assert torch.allclose(reverse, plain_log_weights(rbm, v, beta, seed=6), rtol=0, atol=1e-4)
 
 
 def test_ais_repeats_pool_their_weights_and_report_the_spread() -> None:
