@@ -158,10 +158,11 @@ def test_annealing_sampler_into_a_buffer_draws_what_a_call_draws() -> None:
             assert torch.equal(out, called(probabilities))
 
 
-def plain_log_weights(rbm: RBM, v: torch.Tensor | None, beta: list[float], seed: int, chains: int = 0) -> torch.Tensor:
-    """AIS (v None) or RAISE (from v) written out step by step from the module docstring's formulas."""
+def plain_log_weights(
+    rbm: RBM, a_A: torch.Tensor, v: torch.Tensor | None, beta: list[float], seed: int, chains: int = 0
+) -> torch.Tensor:
+    """AIS (v None) or RAISE (from v) from base rates a_A, step by step from the module docstring's formulas."""
     sample = AnnealingSampler(torch.Generator().manual_seed(seed), rbm.device, rbm.W.dtype)
-    a_A = torch.zeros_like(rbm.a)
 
     def log_p_star(k: int, v: torch.Tensor) -> torch.Tensor:
         x = (rbm.b + v @ rbm.W).double()
@@ -180,7 +181,7 @@ def plain_log_weights(rbm: RBM, v: torch.Tensor | None, beta: list[float], seed:
             if k < K:
                 v = gibbs(k, v)
         return log_w
-    log_w = log_p_star(K, v) - evaluate.base_log_z(rbm)
+    log_w = log_p_star(K, v) - evaluate.base_log_z(rbm, a_A)
     for k in range(K, 0, -1):
         v = gibbs(k, v)
         log_w += log_p_star(k - 1, v) - log_p_star(k, v)
@@ -191,12 +192,13 @@ def test_ais_and_raise_weights_are_the_formulas_written_out() -> None:
     """The annealing loops' fused steps against the formulas, with the same random numbers."""
     model = random_rbm(30, 8, seed=9, std=0.7)
     rbm = RBM(model.W.float(), model.a.float(), model.b.float())
+    a_A = torch.linspace(-2.0, 1.0, 30)  # base rates of their own, as studies anneal from the pixel means
     beta = evaluate.ais_betas(60).tolist()
-    ais = evaluate.ais_log_weights(rbm, chains=7, betas=60, generator=torch.Generator().manual_seed(4))
-    assert torch.allclose(ais, plain_log_weights(rbm, None, beta, seed=4, chains=7), rtol=0, atol=1e-4)
+    ais = evaluate.ais_log_weights(rbm, a_A, chains=7, betas=60, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(ais, plain_log_weights(rbm, a_A, None, beta, seed=4, chains=7), rtol=0, atol=1e-4)
     v = (torch.rand(5, 30, generator=torch.Generator().manual_seed(5)) < 0.5).float()
-    reverse = evaluate.raise_log_weights(rbm, v, betas=60, generator=torch.Generator().manual_seed(6))
-    assert torch.allclose(reverse, plain_log_weights(rbm, v, beta, seed=6), rtol=0, atol=1e-4)
+    reverse = evaluate.raise_log_weights(rbm, v, a_A, betas=60, generator=torch.Generator().manual_seed(6))
+    assert torch.allclose(reverse, plain_log_weights(rbm, a_A, v, beta, seed=6), rtol=0, atol=1e-4)
 
 
 def test_ais_repeats_pool_their_weights_and_report_the_spread() -> None:
