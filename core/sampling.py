@@ -148,6 +148,16 @@ class FastBernoulli:
         self._next = 0
 
 
+def _words32(n: int) -> int:
+    """Rows of SFC64 words (`kernels.LANES` each) that n samples of `_bernoulli32` take: two a word."""
+    return -(-n // (2 * kernels.LANES))
+
+
+def _scratch32(n: int) -> np.ndarray:
+    """Room for the random words of n samples of `_bernoulli32`."""
+    return np.empty((_words32(n), kernels.LANES), dtype=np.uint64)
+
+
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def _bernoulli32(p: np.ndarray, state: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> None:
     """out[i] = 1 if (s_i + 0.5) 2^-32 < p[i] else 0, s_i fresh 32-bit halves of SFC64 words.
@@ -188,9 +198,8 @@ class AnnealingSampler:
             return bernoulli(p, self.generator)
         p = p.contiguous()
         out = torch.empty_like(p)
-        words = -(-p.numel() // (2 * kernels.LANES))
-        if self._scratch.shape[0] < words:
-            self._scratch = np.empty((words, kernels.LANES), dtype=np.uint64)
+        if self._scratch.shape[0] < _words32(p.numel()):
+            self._scratch = _scratch32(p.numel())
         _bernoulli32(kernels.flat(p), self._lanes, self._scratch, kernels.flat(out))
         return out
 
@@ -205,7 +214,7 @@ class AnnealingSampler:
         if not (p.is_contiguous() and out.is_contiguous() and p.shape == out.shape):
             raise ValueError("AnnealingSampler.into needs contiguous tensors of one shape")
         lanes, p_np, out_np = self._lanes, kernels.flat(p), kernels.flat(out)
-        scratch = np.empty((-(-p.numel() // (2 * kernels.LANES)), kernels.LANES), dtype=np.uint64)
+        scratch = _scratch32(p.numel())
         return lambda: _bernoulli32(p_np, lanes, scratch, out_np)
 
 
