@@ -243,6 +243,13 @@ def run_lab(
             metrics.update(_finite(_raise_metrics(f"{stage}.{split}", estimate, scored.log_p[split])))
         metrics[f"{stage}.raise_seconds"] = time.perf_counter() - started
 
+    def score(stage: str, scored: Callable[[], _Scored], reverse: Callable[..., evaluate.RaiseEstimate]) -> None:
+        """A trained stage's final scores, then RAISE beside them: all of it the stage's evaluation time."""
+        with evaluating(stage):
+            result = scored()
+            metrics.update(_finite(result.metrics))
+            reverse_estimates(stage, result, reverse)
+
     def curve(stage: str, score: Callable[[object, torch.Generator], float]) -> Callable[[object], dict[str, float]]:
         """The per-epoch likelihood curve: `score(model, generator)` every eval.curve_every epochs."""
         epoch = 0
@@ -281,10 +288,8 @@ def run_lab(
         rbm_curve = curve("rbm", lambda m, g: evaluate.mean_log_likelihood(m, curve_val, curve_log_z(m, pixel_bias, g)))
         train_rbm(rbm, images, config.rbm.cd_settings(), generator, _timed(report("rbm"), epoch_log["rbm"]),
                   epoch_metrics=measured("rbm", lambda m: {**_rbm_epoch_metrics(m, sets, generator), **rbm_curve(m)}))
-        with evaluating("rbm"):
-            scored = _score_rbm(rbm, sets, ais("rbm", rbm, pixel_bias), generator)
-            metrics.update(_finite(scored.metrics))
-            reverse_estimates("rbm", scored, lambda v, **kw: evaluate.raise_log_likelihood(rbm, v, pixel_bias, **kw))
+        score("rbm", lambda: _score_rbm(rbm, sets, ais("rbm", rbm, pixel_bias), generator),
+              lambda v, **kw: evaluate.raise_log_likelihood(rbm, v, pixel_bias, **kw))
         checkpoint("rbm", rbm)
     else:
         rbm = restored("rbm")
@@ -297,10 +302,8 @@ def run_lab(
         top = train_dbn_layer([rbm], config.dbn.hidden_size, images, dbn_settings, generator,
                               _timed(report("dbn"), epoch_log["dbn"]), epoch_metrics=measured("dbn", dbn_curve))
         dbn = DBN([rbm.clone(), top])
-        with evaluating("dbn"):
-            scored = _score_dbn("dbn", _untied(dbn), sets, ais("dbn", dbn.top, h1_bias), generator)
-            metrics.update(_finite(scored.metrics))
-            reverse_estimates("dbn", scored, _dbn_raise(_untied(dbn), h1_bias))
+        score("dbn", lambda: _score_dbn("dbn", _untied(dbn), sets, ais("dbn", dbn.top, h1_bias), generator),
+              _dbn_raise(_untied(dbn), h1_bias))
         checkpoint("dbn", dbn)
     else:
         dbn = restored("dbn")
@@ -313,10 +316,9 @@ def run_lab(
             dbn, images, ft_settings, generator, _timed(report("finetune"), epoch_log["finetune"]),
             epoch_metrics=measured("finetune", curve("finetune", lambda model, g: curve_dbn_bound(model, h1_bias, g))),
         )
-        with evaluating("finetune"):
-            scored = _score_dbn("finetune", finetuned, sets, ais("finetune", finetuned.top, h1_bias), generator)
-            metrics.update(_finite(scored.metrics))
-            reverse_estimates("finetune", scored, _dbn_raise(finetuned, h1_bias))
+        score("finetune", lambda: _score_dbn("finetune", finetuned, sets, ais("finetune", finetuned.top, h1_bias),
+                                             generator),
+              _dbn_raise(finetuned, h1_bias))
 
     for stage, seconds in epoch_log.items():
         if seconds:
