@@ -64,9 +64,15 @@ def _last_line(error: Any) -> str:
 
 
 
-def best_trials(table: pd.DataFrame, mode: str, n: int = 5) -> pd.DataFrame:
+def ranked(table: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Completed trials with an objective, best first; equal objectives in trial-number order, the
+    order `rbm-study status` breaks ties in, so both name the same best trial."""
     done = table[(table["state"] == "completed") & table["objective"].notna()]
-    done = done.sort_values("objective", ascending=(mode == "min")).head(n)
+    return done.sort_values(["objective", "number"], ascending=[mode == "min", True], kind="stable")
+
+
+def best_trials(table: pd.DataFrame, mode: str, n: int = 5) -> pd.DataFrame:
+    done = ranked(table, mode).head(n)
     columns = ["trial_id", "number", "k", "seed", "objective"]
     columns += [c for c in table.columns if c.startswith("param:") and c not in ("param:rbm.cd_k", "param:seed")]
     columns += [m for m in KEY_METRICS if m in table]

@@ -115,11 +115,10 @@ def _build(snap: Snapshot, study: pd.Series, asked: int | None, out: Path, data_
 
     # --- the lab's figures ---------------------------------------------------------------------
     doc.heading("The lab's figures")
-    scored = done[done["objective"].notna()] if not done.empty else done
+    scored = overview.ranked(table, mode) if not table.empty else table
     to_draw: list[tuple[str, pd.Series]] = []
     if not scored.empty:
-        best = scored.sort_values("objective", ascending=(mode == "min")).iloc[0]
-        to_draw.append(("best trial by the objective", best))
+        to_draw.append(("best trial by the objective", scored.iloc[0]))
     else:
         doc.note("no trial has completed yet, so there are no figures of trained models.")
     if asked is not None:

@@ -9,7 +9,8 @@ written in one transaction per event and is therefore always the truth. So every
 
 1. trials the file still calls `running` belonged to a dead driver: mark them `interrupted`;
 2. `study.search.reconcile` makes Optuna's history agree with the file and queues the params of
-   the interrupted trials, so they run again first and take over their old row (no new trial);
+   the interrupted trials, so they run again first and take over their old row (no new trial),
+   and of any trial Tune had asked for but not yet started (so a grid loses no point);
 3. start the checkpoint store (`study.checkpoints`), seeded with the last stage checkpoint the
    file holds for each interrupted trial (`rbm_checkpoints`), so each of them carries on after
    its last finished stage (rbm or dbn) instead of from scratch; on the CPU that gives the same

@@ -31,7 +31,7 @@ def best_trial(study: StudyInfo, trials: list[TrialInfo]) -> TrialInfo | None:
     if not done:
         return None
     sign = 1 if study.objective_mode.split(",")[0] == "max" else -1
-    return max(done, key=lambda t: sign * t.objective_value)
+    return max(done, key=lambda t: (sign * t.objective_value, -t.number))  # ties: the lowest number
 
 
 def summary_line(study: StudyInfo, trials: list[TrialInfo]) -> str:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 INTERRUPTED_ATTR = "rbm_study_interrupted"
+REQUEUED_ATTR = "rbm_study_requeued"  # an interrupted trial the database never saw, queued to run again
 
 
 class _StudyGridSampler(GridSampler):
@@ -173,8 +174,11 @@ def reconcile(
 
     - an Optuna trial still RUNNING whose database row finished: told what the row says;
     - any other RUNNING Optuna trial: FAIL, tagged interrupted (it stays in the history);
-    - every `interrupted` row: its params are enqueued so the next ask proposes them again,
-      unless a WAITING trial with those params is already queued (a resume killed early).
+    - every `interrupted` row, and every interrupted Optuna trial the database never saw (asked
+      by Tune, stopped before it started): its params are enqueued so the next ask proposes them
+      again, unless a WAITING trial with those params is already queued (a resume killed early).
+      Without the second kind a grid would lose its point: the grid sampler counts a FAIL as
+      visited and, the grid used up, proposes a point twice.
     """
     ot_storage = optuna_storage(storage_url)
     try:
@@ -182,7 +186,9 @@ def reconcile(
     except KeyError:
         return 0  # the driver died before Optuna's study was created: nothing to repair
     by_number = {t.optuna_trial_number: t for t in trials if t.optuna_trial_number is not None}
+    study_id = ot_storage.get_study_id_from_name(name)
     waiting: list[dict] = []
+    never_started: list[optuna.trial.FrozenTrial] = []
     for ot in ot_study.get_trials(deepcopy=False):
         if ot.state == TrialState.WAITING:
             waiting.append(ot.system_attrs.get("fixed_params", {}))
@@ -192,20 +198,33 @@ def reconcile(
         if row is not None and row.state in STATE_OF:
             values = objective_values(study, final_metrics.get(row.id, {})) if row.state == "completed" else None
             _tell(ot_study, ot.number, STATE_OF[row.state], values)
+            continue
+        ot_storage.set_trial_system_attr(_trial_id(ot_storage, study_id, ot.number), INTERRUPTED_ATTR, True)
+        if row is None and ot.params and not ot.system_attrs.get(REQUEUED_ATTR):
+            never_started.append(ot)
         else:
-            study_id = ot_storage.get_study_id_from_name(name)
-            trial_id = ot_storage.get_trial_id_from_study_id_trial_number(study_id, ot.number)
-            ot_storage.set_trial_system_attr(trial_id, INTERRUPTED_ATTR, True)
             _tell(ot_study, ot.number, TrialState.FAIL, None)
-    queued = 0
-    for row in trials:
-        if row.state != "interrupted" or not row.params:
-            continue
-        if any(_same_params(row.params, w) for w in waiting):
-            continue
-        ot_study.enqueue_trial(row.params)
-        queued += 1
+
+    def requeue(params: dict) -> int:
+        match = next((w for w in waiting if _same_params(params, w)), None)
+        if match is not None:
+            waiting.remove(match)  # each queued trial stands for one trial to run again
+            return 0
+        ot_study.enqueue_trial(params)
+        return 1
+
+    queued = sum(requeue(row.params) for row in trials if row.state == "interrupted" and row.params)
+    for ot in never_started:
+        queued += requeue(ot.params)
+        # Tagged, then failed, after the enqueue: a resume killed in between finds it still RUNNING,
+        # and either its queued copy (WAITING) or the tag that says it has one.
+        ot_storage.set_trial_system_attr(_trial_id(ot_storage, study_id, ot.number), REQUEUED_ATTR, True)
+        _tell(ot_study, ot.number, TrialState.FAIL, None)
     return queued
+
+
+def _trial_id(storage: optuna.storages.BaseStorage, study_id: int, number: int) -> int:
+    return storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
 
 def _same_params(a: dict, b: dict) -> bool:
