@@ -8,8 +8,9 @@ rules every sentence follows (issue 15):
   so a study that ran seed 0 three times has one seed, and no interval.
 - A test log-likelihood's interval at one k joins two kinds of uncertainty: the seeds' (a 95%
   Student-t half-width of the mean over seeds) and the estimators' own (each trial's AIS interval
-  from its log Z interval, the RAISE estimate from the other direction, and `Z_SE` test-set standard
-  errors either side). The interval runs from the seeds' mean of the estimators' lower ends minus
+  from its log Z interval, whose upper end is at most ln 20 above the estimate by Markov's
+  inequality, the RAISE estimate from the other direction, and `Z_SE` test-set standard errors
+  either side). The interval runs from the seeds' mean of the estimators' lower ends minus
   the half-width to the mean of the upper ends plus it: deliberately conservative.
 - A difference between two values of k is claimed only where their intervals are disjoint; where
   they overlap the text says NO_DIFFERENCE. With one seed at a k there is no interval and no claim.
@@ -138,9 +139,11 @@ def trial_estimates(trials: pd.DataFrame, stage: str, split: str = "test") -> pd
     paired_se = _column(trials, f"{base}_raise_gap_stderr").fillna(0.0)
     side = (est + paired).fillna(raise_)
     side_se = np.sqrt(se**2 + paired_se**2).where(paired.notna(), raise_se)
-    # A missing AIS interval (exact log Z, or an older database) leaves the point estimate.
+    # A missing AIS interval (exact log Z, or an older database) leaves the point estimate. The
+    # upper end is at most ln 20 above the estimate (Markov's floor under AIS's log Z, in
+    # `core.evaluate`); databases written before that floor hold +inf where 3 sigma gave none.
     ais_lo = _column(trials, f"{base}_low").fillna(est) - Z_SE * se
-    ais_hi = _column(trials, f"{base}_high").fillna(est) + Z_SE * se
+    ais_hi = np.fmin(_column(trials, f"{base}_high").fillna(est), est + evaluate.MARKOV_NATS) + Z_SE * se
     frame = pd.DataFrame({
         "trial_id": trials["trial_id"], "number": trials.get("number", trials["trial_id"]),
         "k": trials["k"].astype(int), "seed": trials["seed"].fillna(-1),
@@ -773,8 +776,8 @@ def models_figure(rows: dict[str, pd.DataFrame], trials: pd.DataFrame, out: Path
     figures.save(fig, path)
     return FigureFile(path, "The three models against k", (
         "Each point: the mean over seeds at that k; bars: the seeds' 95% t-interval widened by the estimators' own "
-        "uncertainty (AIS's interval, RAISE, 2 standard errors); dots: single seeds. Bars reaching the edge are "
-        "unbounded there. A difference between k is claimed only where bars do not overlap."))
+        "uncertainty (AIS's interval, RAISE, 2 standard errors); dots: single seeds. Bars reaching the edge "
+        "continue beyond it. A difference between k is claimed only where bars do not overlap."))
 
 
 def _curve_data(epochs: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
@@ -882,9 +885,10 @@ def write_section(
     long.to_csv(out / "k_comparison.csv", index=False)
     doc.table(table, (
         "Per k: mean over seeds [interval]. RBM columns: the seeds' 95% t-interval widened by the estimator's "
-        "own uncertainty (AIS: its log Z interval ± 2 test-set standard errors; RAISE: ± 2 standard errors, on "
-        "the images it scored); their gap is AIS minus RAISE (on the same images where recorded). DBN bounds: "
-        "the interval claims are judged by, spanning AIS's interval and RAISE's side where there is one. A "
+        "own uncertainty (AIS: its log Z interval, whose upper end for the log-likelihood is at most ln 20 = 3.0 "
+        "nats above the estimate by Markov's inequality, ± 2 test-set standard errors; RAISE: ± 2 standard "
+        "errors, on the images it scored); their gap is AIS minus RAISE (on the same images where recorded). "
+        "DBN bounds: the interval claims are judged by, spanning AIS's interval and RAISE's side where there is one. A "
         "difference between k is claimed only where the envelope of the intervals separates. Recon error: the "
         "seeds' t-interval. Seconds: median and range over trials, stalled trials left out."))
     doc.figure(models_figure(rows, compared, out))

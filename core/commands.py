@@ -46,8 +46,8 @@ def run_command(args: argparse.Namespace, model: type[LabConfig] = LabConfig) ->
 def write_metrics(path: Path, metrics: dict[str, float], **extra: object) -> None:
     """Flat dotted metrics as nested, strict JSON (what `jq` and `JSON.parse` read).
 
-    A non-finite metric is written as null: AIS's lower end log(Z - 3 sigma) is -inf when the
-    spread is wider than the estimate, and Python's `-Infinity` is not JSON.
+    A non-finite metric (a diverged model's NaN, say) is written as null: Python's `NaN` and
+    `-Infinity` are not JSON.
     """
     nested: dict = {}
     for name, value in metrics.items():

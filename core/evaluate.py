@@ -29,10 +29,18 @@ which leaves p_k invariant. The importance weight of a chain is
 
     w = prod_{k=1..K} p*_k(v_{k-1}) / p*_{k-1}(v_{k-1})
 
-and E[w] = Z_B / Z_A, so log Z_B ≈ log Z_A + log mean(w). The reported spread is the paper's:
-log(mean(w) ∓ 3 std(w) / sqrt(M)) + log Z_A (the lower end is -inf when the difference is not
-positive). AIS tends to underestimate log Z (hence to overestimate log-likelihood) when the
-schedule or the number of chains is too small.
+and E[w] = Z_B / Z_A, so log Z_B ≈ log Z_A + log mean(w). AIS tends to underestimate log Z (hence
+to overestimate log-likelihood) when the schedule or the number of chains is too small. The
+reported spread is the paper's, log(mean(w) ∓ 3 std(w) / sqrt(M)) + log Z_A, with one rigorous
+floor under its lower end. mean(w) is unbiased for Z_B / Z_A at any schedule and any M, so by
+Markov's inequality P(log mean(w) > log(Z_B / Z_A) + t) <= e^-t: with probability at least 95%,
+
+    log Z_B >= log Z_A + log mean(w) - ln 20,
+
+however heavy the weights' tail. On sharp models the 3-sigma lower end is often -inf (the sample
+std is dominated by one chain); the floor keeps the log-likelihood's upper end finite, at most
+ln 20 = 3.0 nats above the estimate. The upper end of log Z has no such partner (AIS cannot bound
+log Z from above); RAISE gives the log-likelihood's conservative side instead.
 
 RAISE: the other direction
 --------------------------
@@ -75,7 +83,7 @@ Salakhutdinov 2016).
 Uncertainty
 -----------
 A mean log-likelihood over N images, mean_n(-F(v_n)) - log Z, carries two errors. log Z's
-interval [log Z_low, log Z_high] (AIS's 3 sigma) gives
+interval [log Z_low, log Z_high] (AIS's 3 sigma, floored by Markov's bound) gives
 
     LL_low = mean(-F(v)) - log Z_high,     LL_high = mean(-F(v)) - log Z_low,
 
@@ -310,10 +318,15 @@ def ais_log_weights(
     return log_w
 
 
+MARKOV_NATS = math.log(20.0)
+"""How far below log mean(w) a log-mean of unbiased weights can lie at 95%: Markov's inequality."""
+
+
 def _log_mean_exp_interval(log_w: torch.Tensor) -> tuple[float, float, float]:
     """log mean(w) and log(mean(w) -/+ 3 std(w) / sqrt(M)), computed relative to the largest weight.
 
-    The lower end is -inf when mean(w) - 3 std(w) / sqrt(M) is not positive.
+    The lower end is never below log mean(w) - ln 20 (Markov's bound, module docstring), which
+    is where it lies when mean(w) - 3 std(w) / sqrt(M) is not positive.
     """
     count = log_w.numel()
     top = log_w.max()
@@ -323,7 +336,7 @@ def _log_mean_exp_interval(log_w: torch.Tensor) -> tuple[float, float, float]:
     estimate, high = (top + torch.log(mean)).item(), (top + torch.log(mean + half_width)).item()
     low_w = mean - half_width
     low = (top + torch.log(low_w)).item() if low_w.item() > 0 else -math.inf
-    return estimate, low, high
+    return estimate, max(low, estimate - MARKOV_NATS), high
 
 
 @torch.no_grad()

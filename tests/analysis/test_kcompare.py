@@ -182,7 +182,10 @@ def test_raise_for_the_dbn_bounds_and_an_unpaired_gap(tmp_path: Path):
 
 
 def test_unbounded_ais_intervals(tmp_path: Path):
-    """An interval unbounded on the side facing the other k keeps them apart; on the far side it does not."""
+    """An interval unbounded on the side facing away from the other k keeps them apart. An upper end
+    of +inf (AIS's 3 sigma before Markov's floor, in databases written then) is read as the floor
+    puts it, ln 20 above the estimate: then k=1 at -130 still separates from k=10 at -100, while
+    6 nats apart they overlap."""
     below = _grid({1: -130.0, 10: -100.0})
     below[0]["metrics"]["rbm.test.log_likelihood_low"] = -math.inf
     text = _section(tmp_path, below)
@@ -190,7 +193,13 @@ def test_unbounded_ais_intervals(tmp_path: Path):
     above = _grid({1: -130.0, 10: -100.0})
     above[0]["metrics"]["rbm.test.log_likelihood_high"] = math.inf
     text = _section(tmp_path / "above", above)
-    assert f"{NO_DIFF} between any two of k = 1, 10" in text and ", inf]" in text
+    assert "highest at k=10" in text and ", inf]" not in text
+    high = pd.read_csv(tmp_path / "above" / "out" / "k_comparison.csv").set_index(["metric", "k"])
+    row = high.loc[("rbm.test.log_likelihood", 1)]
+    assert math.isfinite(row["high"])
+    close = _grid({1: -106.0, 10: -100.0})
+    close[0]["metrics"]["rbm.test.log_likelihood_high"] = math.inf
+    assert f"{NO_DIFF} between any two of k = 1, 10" in _section(tmp_path / "close", close)
 
 
 def test_reconstruction_error_and_likelihood_disagreeing_is_stated_with_numbers(tmp_path: Path):
