@@ -168,10 +168,9 @@ def run_lab(
     epochs = {"rbm": config.rbm.epochs, "dbn": config.dbn.epochs, "finetune": config.finetune.epochs}
     bar = tqdm(total=sum(epochs.values()), initial=sum(epochs[stage] for stage in STAGES[:done]),
                disable=not progress, unit="epoch", dynamic_ncols=True)
-    # the settings behind the estimates travel with them: the numeric ones, as metrics (size may be
-    # None, the stage lists are lists; the stored config holds them)
-    metrics: dict[str, float] = {f"eval.{key}": float(value) for key, value in e
-                                 if key not in ("size", "raise_stages", "curve_stages")}
+    # the settings behind the estimates travel with them: the numeric ones, as metrics (the rest,
+    # such as the stage lists or a size of None, the stored config holds)
+    metrics: dict[str, float] = {f"eval.{key}": float(value) for key, value in e if isinstance(value, int | float)}
     epoch_log: dict[str, list[float]] = {stage: [] for stage in STAGES}
     models: dict[str, dict[str, torch.Tensor]] = {}
     if resume_from is not None:
