@@ -249,8 +249,8 @@ def run_lab(
             metrics.update(_finite(result.metrics))
             reverse_estimates(stage, result, reverse)
 
-    def curve(stage: str, score: Callable[[object, torch.Generator], float]) -> Callable[[object], dict[str, float]]:
-        """The per-epoch likelihood curve: `score(model, generator)` every eval.curve_every epochs."""
+    def curve(stage: str, estimate: Callable[[object, torch.Generator], float]) -> Callable[[object], dict[str, float]]:
+        """The per-epoch likelihood curve: `estimate(model, generator)` every eval.curve_every epochs."""
         epoch = 0
         metrics[f"{stage}.curve_seconds"] = metrics.get(f"{stage}.curve_seconds", 0.0)
 
@@ -260,7 +260,7 @@ def run_lab(
             if e.curve_every == 0 or epoch % e.curve_every or stage not in e.curve_stages:
                 return {}
             started = time.perf_counter()
-            value = score(model, eval_generator("curve", stage, epoch))
+            value = estimate(model, eval_generator("curve", stage, epoch))
             seconds = time.perf_counter() - started
             metrics[f"{stage}.curve_seconds"] += seconds
             return {"val_log_likelihood": value, "curve_seconds": seconds}
