@@ -188,7 +188,7 @@ def reconcile(
     by_number = {t.optuna_trial_number: t for t in trials if t.optuna_trial_number is not None}
     study_id = ot_storage.get_study_id_from_name(name)
     waiting: list[dict] = []
-    never_started: list[optuna.trial.FrozenTrial] = []
+    never_started: list[tuple[int, int, dict]] = []  # (Optuna's trial id, its number, params)
     for ot in ot_study.get_trials(deepcopy=False):
         if ot.state == TrialState.WAITING:
             waiting.append(ot.system_attrs.get("fixed_params", {}))
@@ -199,9 +199,10 @@ def reconcile(
             values = objective_values(study, final_metrics.get(row.id, {})) if row.state == "completed" else None
             _tell(ot_study, ot.number, STATE_OF[row.state], values)
             continue
-        ot_storage.set_trial_system_attr(_trial_id(ot_storage, study_id, ot.number), INTERRUPTED_ATTR, True)
+        trial_id = ot_storage.get_trial_id_from_study_id_trial_number(study_id, ot.number)
+        ot_storage.set_trial_system_attr(trial_id, INTERRUPTED_ATTR, True)
         if row is None and ot.params and not ot.system_attrs.get(REQUEUED_ATTR):
-            never_started.append(ot)
+            never_started.append((trial_id, ot.number, ot.params))
         else:
             _tell(ot_study, ot.number, TrialState.FAIL, None)
 
@@ -214,17 +215,13 @@ def reconcile(
         return 1
 
     queued = sum(requeue(row.params) for row in trials if row.state == "interrupted" and row.params)
-    for ot in never_started:
-        queued += requeue(ot.params)
+    for trial_id, number, params in never_started:
+        queued += requeue(params)
         # Tagged, then failed, after the enqueue: a resume killed in between finds it still RUNNING,
         # and either its queued copy (WAITING) or the tag that says it has one.
-        ot_storage.set_trial_system_attr(_trial_id(ot_storage, study_id, ot.number), REQUEUED_ATTR, True)
-        _tell(ot_study, ot.number, TrialState.FAIL, None)
+        ot_storage.set_trial_system_attr(trial_id, REQUEUED_ATTR, True)
+        _tell(ot_study, number, TrialState.FAIL, None)
     return queued
-
-
-def _trial_id(storage: optuna.storages.BaseStorage, study_id: int, number: int) -> int:
-    return storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
 
 def _same_params(a: dict, b: dict) -> bool:
