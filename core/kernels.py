@@ -1,12 +1,13 @@
-"""Bernoulli sampling on the CPU in one compiled loop (numba): random bits, comparison, sample.
+"""Bernoulli sampling on the CPU in one compiled loop (numba): random bits, comparison, sample;
+and the lists of where a binary matrix's ones are, for the sums of rows of `core.binary`.
 
 Why: after its five matrix products, the largest cost of a CD-1 step of 100 MNIST images on a CPU
 is drawing its ~90,000 Bernoulli samples. numpy's SFC64 makes one 64-bit word at a time, and torch's
 CPU generator (a Mersenne twister) runs serially too; in torch, turning the bits into uniforms and
 comparing them with p are two more passes through memory. Here 64 SFC64 generators step side by
 side, so the compiler puts them in vector registers, and one loop turns bits and p into samples.
-The benchmark (`python -m tests.bench`) times the trainer with and without this loop in the same
-rounds; the loop stays only while it makes CD-1 epochs at least 1.15x faster. numba compiles these
+The benchmark (`python -m tests.bench`) times the trainer with and without the compiled code in
+the same rounds; it stays only while it makes CD-1 epochs at least 1.15x faster. numba compiles these
 functions for the machine at first use and caches the result next to this file (in the user's
 cache where that is read-only); they run on the calling thread (no thread pool of numba's own).
 Tensors on other devices take torch's ops instead (`core.sampling.FastBernoulli`).
@@ -155,3 +156,61 @@ def bernoulli_and_squared_error(
             d = p_part[i] - v_part[i]
             total += d * d
     return total
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def ones_by_row(v: np.ndarray, columns: np.ndarray, starts: np.ndarray, limit: int) -> int:
+    """Where the ones of a binary [N, V] matrix are, row by row (compressed sparse rows).
+
+    columns[starts[n]:starts[n + 1]] are the i with v[n, i] != 0, in increasing order; returns
+    their number, or, as soon as a row takes it past `limit`, that partial count (the lists are
+    then incomplete: a dense matrix is not worth listing). `columns` has room for v.size entries,
+    `starts` for N + 1. Each column is written unconditionally and the write position moves on
+    only past a one: no branch to mispredict.
+    """
+    count = 0
+    for n in range(v.shape[0]):
+        starts[n] = count
+        row = v[n]
+        for i in range(v.shape[1]):
+            columns[count] = i
+            count += row[i] != 0
+        if count > limit:
+            return count
+    starts[v.shape[0]] = count
+    return count
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def outer_bags(
+    columns0: np.ndarray, starts0: np.ndarray, columns1: np.ndarray, starts1: np.ndarray, scale: float,
+    rows: np.ndarray, weights: np.ndarray, bag_starts: np.ndarray, sums0: np.ndarray, sums1: np.ndarray,
+) -> None:
+    """The terms of scale (x0' P0 - x1' P1) for binary x0, x1 [N, V] given by `ones_by_row`, as bags.
+
+    Row i of the product sums row n of P0 for every one x0[n, i] and subtracts row n of P1 for every
+    one x1[n, i]: bag i lists those rows of the stacked [P0; P1] (n, and N + n) in
+    rows[bag_starts[i]:bag_starts[i + 1]], with weights +scale and -scale: the ones of x0, then
+    those of x1, each by increasing n. sums0 and sums1 get the column sums of x0 and x1.
+    """
+    n_rows, n_columns = starts0.shape[0] - 1, sums0.shape[0]
+    sums0[:] = 0
+    sums1[:] = 0
+    for e in range(starts0[n_rows]):
+        sums0[columns0[e]] += 1
+    for e in range(starts1[n_rows]):
+        sums1[columns1[e]] += 1
+    bag_starts[0] = 0
+    for i in range(n_columns):
+        bag_starts[i + 1] = bag_starts[i] + int(sums0[i]) + int(sums1[i])
+    fill = bag_starts[:n_columns].copy()
+    for n in range(n_rows):
+        for e in range(starts0[n], starts0[n + 1]):
+            i = columns0[e]
+            rows[fill[i]], weights[fill[i]] = n, scale
+            fill[i] += 1
+    for n in range(n_rows):
+        for e in range(starts1[n], starts1[n + 1]):
+            i = columns1[e]
+            rows[fill[i]], weights[fill[i]] = n_rows + n, -scale
+            fill[i] += 1

@@ -66,9 +66,10 @@ class FastBernoulli:
     """
 
     compiled: ClassVar[bool] = True
-    """Whether samplers made from now on draw CPU samples with the compiled loop. Off, they take the
-    other devices' path (words from `generator`, torch's comparison): what `tests/bench.py` times
-    the loop against."""
+    """Whether samplers made from now on draw CPU samples with the compiled loop, and CD steps on the
+    CPU sum rows for their sparse products (`core.binary`). Off, samplers take the other devices'
+    path (words from `generator`, torch's comparison) and CD steps dense products: what
+    `tests/bench.py` times the compiled code against."""
 
     def __init__(self, generator: torch.Generator, block: int = 1 << 18):
         self.generator = generator

@@ -15,9 +15,12 @@ parameter theta with gradient estimate g:
 
 (wd on W only); both are off in the lab's settings, where the step is just lr g.
 
-Every step is made of torch operations; the only compiled code is the Bernoulli sampler's loop
-(`core.kernels`, through `core.sampling.FastBernoulli`). How many threads those operations use is
-chosen as training goes (`AdaptiveThreads`).
+On the CPU the visible states v0 and vk are binary and mostly zeros on MNIST, so the four products
+with them (p(h|v0), p(h|vk) and the two of dW) are sums of the rows their ones pick
+(`core.binary`), where they are sparse enough; the product with the hidden sample, and every
+product elsewhere, is dense. Besides torch's operations the only compiled code is the Bernoulli
+sampler's loop and the lists of where the ones are (`core.kernels`). How many threads the
+operations use is chosen as training goes (`AdaptiveThreads`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rbm_study.core.binary import BinaryProducts
 from rbm_study.core.data import Binarizer
 from rbm_study.core.models import RBM
 from rbm_study.core.sampling import FastBernoulli
@@ -69,22 +73,32 @@ class _Velocity:
 class _Workspace:
     """The buffers a CD step writes its intermediates into, so the loop allocates almost nothing."""
 
-    ph0: torch.Tensor  # p(h|v0)
-    phk: torch.Tensor  # p(h|v) of the latest Gibbs step
+    ph: torch.Tensor  # [p(h|v0); p(h|v) of the latest Gibbs step], stacked for the sums of rows
     h: torch.Tensor  # the latest hidden sample
     pv: torch.Tensor  # p(v|h) of the latest Gibbs step
+    binary: BinaryProducts | None  # the sums of rows' buffers (CPU, with the compiled sampler)
 
     @classmethod
-    def for_batch(cls, rbm: RBM, n: int) -> _Workspace:
+    def for_batch(cls, rbm: RBM, n: int, sums_of_rows: bool) -> _Workspace:
         def new(*shape: int) -> torch.Tensor:
             return torch.empty(*shape, dtype=rbm.W.dtype, device=rbm.W.device)
 
         H, V = rbm.n_hidden, rbm.n_visible
-        return cls(new(n, H), new(n, H), new(n, H), new(n, V))
+        binary = BinaryProducts(n, V, rbm.W.dtype) if sums_of_rows else None
+        return cls(new(2 * n, H), new(n, H), new(n, V), binary)
 
-    def fits(self, rbm: RBM, n: int) -> bool:
-        return self.pv.shape == (n, rbm.n_visible) and self.ph0.shape == (n, rbm.n_hidden) and (
-            self.pv.dtype == rbm.W.dtype and self.pv.device == rbm.W.device
+    @property
+    def ph0(self) -> torch.Tensor:
+        return self.ph[: self.h.shape[0]]
+
+    @property
+    def phk(self) -> torch.Tensor:
+        return self.ph[self.h.shape[0] :]
+
+    def fits(self, rbm: RBM, n: int, sums_of_rows: bool) -> bool:
+        same_layout = self.pv.dtype == rbm.W.dtype and self.pv.device == rbm.W.device
+        return same_layout and self.pv.shape == (n, rbm.n_visible) and self.h.shape == (n, rbm.n_hidden) and (
+            (self.binary is not None) == sums_of_rows
         )
 
 
@@ -121,54 +135,64 @@ class CDTrainer:
 
         The chain is sampled with `FastBernoulli` (16-bit uniforms, bias <= 2^-17 per unit): with
         torch's own sampling the random numbers, not the matmuls, are the biggest cost of a step
-        on the CPU.
+        on the CPU. There, with `FastBernoulli.compiled` on, the products with sparse binary
+        visible states are sums of rows (`core.binary`).
         """
         rbm, s, n = self.rbm, self.settings, v0.shape[0]
         if self._sample is None or self._sample.generator is not self.generator:
             self._sample = FastBernoulli(self.generator)
-        if self._work is None or not self._work.fits(rbm, n):
-            self._work = _Workspace.for_batch(rbm, n)
+        sums_of_rows = FastBernoulli.compiled and rbm.W.device.type == "cpu"
+        if self._work is None or not self._work.fits(rbm, n, sums_of_rows):
+            self._work = _Workspace.for_batch(rbm, n, sums_of_rows)
         sample, work = self._sample, self._work
 
-        ph0 = _conditional(rbm.b, v0, rbm.W, out=work.ph0)
-        # the visible side's column sums (da) are taken while each array is still in cache
-        v0_sum = v0.sum(dim=0)
+        ph0, sparse0 = self._p_h(v0, 0, work.ph0)
         pv = _conditional(rbm.a, sample(ph0, out=work.h), rbm.W.T, out=work.pv)  # the reconstruction
         # the chain's visible samples are new tensors: they outlive the step (last_negative, PCD chain)
         if s.persistent:  # the chain goes on from its last state
             recon_error = torch.nn.functional.mse_loss(pv, v0, reduction="sum") / n
             if self.chain is None or self.chain.shape != v0.shape:
                 self.chain = v0.clone()
-            ph = _conditional(rbm.b, self.chain, rbm.W, out=work.phk)
+            ph, _ = self._p_h(self.chain, 1, work.phk)
             vk = sample(_conditional(rbm.a, sample(ph, out=work.h), rbm.W.T, out=work.pv))
         else:  # the reconstruction is also the first Gibbs step's p(v|h): one pass samples and scores it
             vk, squared_error = sample.with_squared_error(pv, v0)
             recon_error = squared_error / n
         for i in range(s.cd_k):
-            phk = _conditional(rbm.b, vk, rbm.W, out=work.phk)
+            phk, sparsek = self._p_h(vk, 1, work.phk)
             if i + 1 < s.cd_k:  # the update uses phk, so a hidden sample after the last step is waste
                 vk = sample(_conditional(rbm.a, sample(phk, out=work.h), rbm.W.T, out=work.pv))
         self.last_negative = vk
         if s.persistent:
             self.chain = vk
-        self._descend(v0, v0_sum, ph0, vk, vk.sum(dim=0), phk)
+        self._descend(v0, vk, sums_of_rows=sparse0 and sparsek)
         return recon_error
 
-    def _descend(
-        self, v0: torch.Tensor, v0_sum: torch.Tensor, ph0: torch.Tensor, vk: torch.Tensor, vk_sum: torch.Tensor,
-        phk: torch.Tensor,
-    ) -> None:
+    def _p_h(self, v: torch.Tensor, slot: int, out: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """p(h|v) into `out` for binary v, and whether it was summed from rows (v sparse enough).
+
+        The sums of rows keep where v's ones are in `slot` (0: the data, 1: the chain) for the
+        weight update.
+        """
+        rbm, binary = self.rbm, self._work.binary
+        if binary is not None and binary.locate(slot, v):
+            return binary.times(slot, rbm.W, rbm.b, out=out).sigmoid_(), True
+        return _conditional(rbm.b, v, rbm.W, out=out), False
+
+    def _descend(self, v0: torch.Tensor, vk: torch.Tensor, sums_of_rows: bool) -> None:
         """velocity <- m velocity + lr (g - wd theta);  theta += velocity, for theta = W, a, b.
 
         The rule once, for every m: each parameter's step is summed into a target. With momentum
         the target is the velocity, scaled by m first and kept from step to step, then added to
         the parameter. Without, the velocity is this step alone, so the target is the parameter
-        itself: no buffer, one pass over W fewer, and the decay folds into the product's beta
-        (theta <- (1 - lr wd) theta + lr g). With g summed over the N rows,
-        lr g = lr/N (v0' ph0 - vk' phk) for W: two GEMMs into the target.
+        itself: no buffer, one pass over W fewer, and the decay folds into the scaling of the
+        target (theta <- (1 - lr wd) theta + lr g). With g summed over the N rows,
+        lr g = lr/N (v0' ph0 - vk' phk) for W: two dense products into the target, or one call
+        of sums of rows (`BinaryProducts.outer`) where v0 and vk were both sparse.
         """
-        rbm, s, n = self.rbm, self.settings, v0.shape[0]
+        rbm, s, n, work = self.rbm, self.settings, v0.shape[0], self._work
         m, scale, decay = s.momentum, s.learning_rate / n, s.learning_rate * s.weight_decay
+        ph0, phk = work.ph0, work.phk
         if m:
             if self.velocity is None or not self.velocity.fits(rbm):
                 self.velocity = _Velocity.zeros_like(rbm)
@@ -178,7 +202,14 @@ class CDTrainer:
             b_to.mul_(m)
         else:
             W_to, a_to, b_to = rbm.W, rbm.a, rbm.b
-        W_to.addmm_(v0.T, ph0, beta=m if m else 1.0 - decay, alpha=scale).addmm_(vk.T, phk, alpha=-scale)
+        beta = m if m else 1.0 - decay
+        if sums_of_rows:
+            step = work.binary.outer(work.ph, scale)  # also the column sums of v0 and vk
+            v0_sum, vk_sum = work.binary.column_sums
+            (W_to.mul_(beta) if beta != 1.0 else W_to).add_(step)
+        else:
+            W_to.addmm_(v0.T, ph0, beta=beta, alpha=scale).addmm_(vk.T, phk, alpha=-scale)
+            v0_sum, vk_sum = v0.sum(dim=0), vk.sum(dim=0)
         if m and decay:
             W_to.add_(rbm.W, alpha=-decay)
         # the bias gradients from column sums of each side, half the cost of (v0 - vk).sum

@@ -21,9 +21,10 @@ that condition, so each one's state (our trainer's choice of thread count above 
 state it settles into there:
 
     ours                 core.train's CD-1 784-100, batch 100, lr 0.1, on a core.data.Binarizer
-    ours, torch sampling the same with FastBernoulli.compiled off: samples from torch's generator
-                         and comparison instead of the compiled loop of core.kernels; the ratio is
-                         what that loop gains (it is kept where it gains at least 1.15x)
+    ours, torch only     the same with FastBernoulli.compiled off: samples from torch's generator
+                         and comparison instead of the compiled loop of core.kernels, and dense
+                         products instead of sums of rows (core.binary); the ratio is what the
+                         compiled code gains (it is kept where it gains at least 1.15x)
     plain torch loop     CD-1 written the straightforward way: torch.bernoulli, fresh tensors
     scikit-learn         BernoulliRBM (PCD-1 on the grey values; numpy's BLAS, its threads limited
                          to the condition's count with threadpoolctl)
@@ -46,7 +47,10 @@ minibatch of N rows, V visible and H hidden units. CD-1 needs five:
 p(v|h0) is both the reconstruction the training signal reports and the first Gibbs step, so it is
 counted (and computed) once: 78.4 MFLOP per minibatch of 100 at 784-100. The sgemm reference is
 torch.mm alone, on exactly those shapes and layouts, in the same proportions, on the condition's
-threads; "of sgemm" is our useful GFLOP/s over it.
+threads; "of sgemm" is a contender's useful GFLOP/s over it. Ours takes the four products with
+the binary visible states as sums of the rows their ones pick (about 13% of MNIST's pixels),
+so it does fewer flops than it is credited with and can pass 100%: the figure says how an epoch
+compares with the matrix products alone, not how well the machine's units are used.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ class Ours:
     """One epoch of core.train's CD-1 784-100 per call (the model keeps training across calls)."""
 
     data: Binarizer
-    compiled_sampling: bool = True
+    compiled: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,7 +102,7 @@ class Ours:
         self.trainer = CDTrainer(RBM.init(V, H, g), CDSettings(cd_k=1, learning_rate=0.1, batch_size=BATCH), g)
 
     def __call__(self) -> object:
-        FastBernoulli.compiled = self.compiled_sampling  # read when a sampler is made: the trainer's, each redraw's
+        FastBernoulli.compiled = self.compiled  # read by each CD step and when a sampler is made
         try:
             return self.trainer.epoch(self.data)
         finally:
@@ -318,7 +322,7 @@ class Condition:
 
 
 OURS = "ours (core.train)"
-TORCH_SAMPLING = "ours, torch sampling"
+TORCH_ONLY = "ours, torch only"
 PLAIN = "plain torch loop"
 SKLEARN = "scikit-learn BernoulliRBM"
 GREEDY = "greedy layer 100-100, CD-2"
@@ -384,7 +388,7 @@ def _run(args: argparse.Namespace, repeats: int, x: torch.Tensor, n_epoch: int, 
     for c in conditions:
         c.contenders = {
             OURS: Ours(data),
-            TORCH_SAMPLING: Ours(data, compiled_sampling=False),
+            TORCH_ONLY: Ours(data, compiled=False),
             PLAIN: plain_torch(x),
             GREEDY: greedy_layer(data, below),
         }
@@ -437,10 +441,14 @@ def report(conditions: list[Condition], gemms: list[Gemm], repeats: int, steps_p
     def rate(c: Condition, r: int) -> float:
         return sgemm_rate(gemms, {gm.label: c.times[gm.label][r] for gm in gemms})
 
-    def of_sgemm(c: Condition, name: str) -> float:
-        return paired(lambda r: cd1_flops() * steps / c.times[name][r] / 1e9 / rate(c, r))
-
     quiet = conditions[1]
+
+    def of_sgemm(c: Condition, name: str) -> float:
+        """Against the condition's own sgemm rate; under the busy core, whose two-thread sgemm
+        stalls, against the quiet two-thread rate of the same round."""
+        reference = quiet if c.busy_cpu is not None else c
+        return paired(lambda r: cd1_flops() * steps / c.times[name][r] / 1e9 / rate(reference, r))
+
     summary: dict[str, dict[str, float]] = {}
     for c in conditions:
         busy = c.busy_cpu is not None
@@ -471,10 +479,11 @@ def report(conditions: list[Condition], gemms: list[Gemm], repeats: int, steps_p
         reference = paired(lambda r, c=c: rate(c, r))
         each = ", ".join(f"{gm.short} {gm.label} {gm.flops / statistics.median(c.times[gm.label]) / 1e9:.1f}"
                          for gm in gemms)
-        print(f"sgemm reference, torch.mm on CD-1's products: {reference:.1f} GFLOP/s ({each})")
+        print(f"sgemm reference, torch.mm on CD-1's products: {reference:.1f} GFLOP/s ({each})"
+              + ("; 'of sgemm' above is against the quiet two-thread rate" if c.busy_cpu is not None else ""))
         if c.threads > 1:
             shares = ", ".join(f"{name} {c.one_thread_steps.get(name, 0) / (repeats * steps_per_epoch):.0%}"
-                               for name in (OURS, TORCH_SAMPLING))
+                               for name in (OURS, TORCH_ONLY))
             print(f"steps our trainer ran on one thread (it picks the faster count as it goes): {shares}")
         other = c.load.cores
         if other is not None:
@@ -493,9 +502,9 @@ def report(conditions: list[Condition], gemms: list[Gemm], repeats: int, steps_p
         verdict = "met" if ratio <= TARGET_BUSY else "missed"
         print(f"  {name}: one core busy {ratio:.2f}x the quiet two-thread epoch (target <= {TARGET_BUSY:.0f}x): "
               f"{verdict}")
-    gains = [summary[c.name][f"vs {TORCH_SAMPLING}"] for c in conditions[:2]]
+    gains = [summary[c.name][f"vs {TORCH_ONLY}"] for c in conditions[:2]]
     keep = "kept" if min(gains) >= KEEP_COMPILED else "not worth keeping"
-    print(f"  compiled sampling (core.kernels) over torch's: {gains[0]:.2f}x on one thread, {gains[1]:.2f}x on two "
+    print(f"  compiled code (core.kernels) over torch alone: {gains[0]:.2f}x on one thread, {gains[1]:.2f}x on two "
           f"(keep at >= {KEEP_COMPILED}x): {keep}")
     print()
     print("useful flops: the 5 matrix products CD-1 needs, 2*N*V*H each (see the module docstring); scikit-learn")

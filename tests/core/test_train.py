@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from rbm_study.core import evaluate
+from rbm_study.core import binary, evaluate
 from rbm_study.core.models import RBM
 from rbm_study.core.threads import AdaptiveThreads
 from rbm_study.core.train import CDSettings, CDTrainer, train_rbm
@@ -135,8 +135,13 @@ def test_divergence_is_reported():
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
-def test_every_step_follows_the_velocity_rule(momentum: float):
-    """velocity <- m velocity + lr (g - wd W); theta += velocity, step after step, from a copy of each."""
+@pytest.mark.parametrize("max_density", [0.0, 1.0], ids=["dense products", "sums of rows"])
+def test_every_step_follows_the_velocity_rule(momentum: float, max_density: float, monkeypatch):
+    """velocity <- m velocity + lr (g - wd W); theta += velocity, step after step, from a copy of each.
+
+    Both ways of taking the products with the visible states: dense, and sums of rows (core.binary).
+    """
+    monkeypatch.setattr(binary, "MAX_DENSITY", max_density)
     g = torch.Generator().manual_seed(0)
     rbm = RBM(torch.randn(12, 5, generator=g), torch.randn(12, generator=g), torch.randn(5, generator=g))
     lr, wd = 0.3, 0.01
@@ -158,10 +163,15 @@ def test_every_step_follows_the_velocity_rule(momentum: float):
             assert torch.allclose(got, old + u, atol=1e-5), name
 
 
-@pytest.mark.parametrize(("V", "H"), [(784, 100), (100, 100), (784, 200), (784, 50)])
-def test_the_thread_count_does_not_change_the_weights(V: int, H: int):
-    """The trainer may switch between one thread and two at any chunk: same seed, same weights regardless."""
-    data = torch.rand(350, V, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize(
+    ("V", "H", "power"), [(784, 100, 1), (100, 100, 1), (784, 200, 1), (784, 50, 1), (784, 100, 6)]
+)
+def test_the_thread_count_does_not_change_the_weights(V: int, H: int, power: int):
+    """The trainer may switch between one thread and two at any chunk: same seed, same weights regardless.
+
+    Uniform grey data binarises to half ones (dense products); its 6th power to a seventh (sums of rows).
+    """
+    data = torch.rand(350, V, generator=torch.Generator().manual_seed(0)) ** power
     threads = torch.get_num_threads()
 
     def train(count: int, switch_every_step: bool = False) -> RBM:
