@@ -14,11 +14,11 @@ ones pick from the stacked [P0; Pk] with weights +scale and -scale (`outer_bags`
 
     dW = scale (v0' P0 - vk' Pk)
 
-is one call. The sums run in a fixed order (by row, then column), one bag per thread, so the same
-states give the same bits on any number of threads. Dense states (a DBN's upper layers train on
-hidden samples, often half ones) take the dense products instead: `BinaryProducts.locate` says
-which. `python -m tests.bench` times the trainer with this path and without (its "torch
-sampling" contender has neither the compiled sampler nor this).
+is one call, with the hidden bias's step as one more row. Each bag is summed in a fixed order by
+one thread, so the same states give the same bits on any number of threads. Dense states (a DBN's
+upper layers train on hidden samples, often half ones) take the dense products instead:
+`BinaryProducts.locate` says which. `python -m tests.bench` times the trainer with this path and
+without (its "torch only" contender has neither the compiled sampler nor this).
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ class BinaryProducts:
         self.columns = [torch.empty(size, dtype=index) for _ in range(2)]
         self.starts = [torch.empty(n + 1, dtype=index) for _ in range(2)]
         self.count = [0, 0]  # the ones in each slot's matrix
-        self.rows = torch.empty(2 * size, dtype=index)  # the weight update's bags
-        self.weights = torch.empty(2 * size, dtype=dtype)
-        self.bag_starts = torch.empty(n_visible + 1, dtype=index)
-        self.column_sums = torch.empty(2, n_visible, dtype=dtype)  # of v0 and of vk
+        self.rows = torch.empty(2 * size + 2 * n, dtype=index)  # the update's bags
+        self.weights = torch.empty(2 * size + 2 * n, dtype=dtype)
+        self.bag_starts = torch.empty(n_visible + 2, dtype=index)
+        self.visible_step = torch.empty(n_visible, dtype=dtype)  # scale (v0 - vk) summed over rows
         # numpy views made once: they share the buffers' memory, and a call's conversions cost
         # about as much as the kernels' work on a minibatch
         self._np = {
@@ -60,7 +60,7 @@ class BinaryProducts:
             "rows": self.rows.numpy(),
             "weights": self.weights.numpy(),
             "bag_starts": self.bag_starts.numpy(),
-            "column_sums": self.column_sums.numpy(),
+            "visible_step": self.visible_step.numpy(),
         }
 
     def fits(self, n: int, n_visible: int, dtype: torch.dtype) -> bool:
@@ -81,13 +81,19 @@ class BinaryProducts:
         return torch.add(sums, bias, out=out)
 
     def outer(self, P: torch.Tensor, scale: float) -> torch.Tensor:
-        """scale (v0' P[:n] - vk' P[n:]) for the v0 and vk in slots 0 and 1; fills `column_sums`."""
+        """The update's [V + 1, H] terms for the v0 and vk in slots 0 and 1, and P = [P0; Pk]:
+
+            rows :V   scale (v0' P0 - vk' Pk)     the weights' step
+            row  V    scale (1' P0 - 1' Pk)       the hidden bias's (a visible unit always on)
+
+        and, into `visible_step`, scale (1' v0 - 1' vk), the visible bias's.
+        """
         np_ = self._np
         kernels.outer_bags(
             np_["columns"][0], np_["starts"][0], np_["columns"][1], np_["starts"][1], scale,
-            np_["rows"], np_["weights"], np_["bag_starts"], np_["column_sums"][0], np_["column_sums"][1],
+            np_["rows"], np_["weights"], np_["bag_starts"], np_["visible_step"],
         )
-        terms = self.count[0] + self.count[1]
+        terms = self.count[0] + self.count[1] + 2 * self.n
         return F.embedding_bag(
             self.rows[:terms], P, self.bag_starts, mode="sum", per_sample_weights=self.weights[:terms],
             include_last_offset=True,

@@ -184,25 +184,28 @@ def ones_by_row(v: np.ndarray, columns: np.ndarray, starts: np.ndarray, limit: i
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def outer_bags(
     columns0: np.ndarray, starts0: np.ndarray, columns1: np.ndarray, starts1: np.ndarray, scale: float,
-    rows: np.ndarray, weights: np.ndarray, bag_starts: np.ndarray, sums0: np.ndarray, sums1: np.ndarray,
+    rows: np.ndarray, weights: np.ndarray, bag_starts: np.ndarray, column_step: np.ndarray,
 ) -> None:
-    """The terms of scale (x0' P0 - x1' P1) for binary x0, x1 [N, V] given by `ones_by_row`, as bags.
+    """A CD update's terms as bags of rows: scale (x0' P0 - x1' P1) and scale (1' P0 - 1' P1).
 
-    Row i of the product sums row n of P0 for every one x0[n, i] and subtracts row n of P1 for every
-    one x1[n, i]: bag i lists those rows of the stacked [P0; P1] (n, and N + n) in
-    rows[bag_starts[i]:bag_starts[i + 1]], with weights +scale and -scale: the ones of x0, then
-    those of x1, each by increasing n. sums0 and sums1 get the column sums of x0 and x1.
+    x0, x1 are binary [N, V], given by `ones_by_row`; bag i lists, in rows[bag_starts[i]:
+    bag_starts[i + 1]], the rows of the stacked [P0; P1] that row i of x0' P0 - x1' P1 sums: n,
+    weight +scale, for every one x0[n, i], then N + n, weight -scale, for every one x1[n, i], each
+    by increasing n. Bag V lists every row the same way, as for a visible unit always on: its row
+    of the product is the hidden bias's step. column_step[i] = scale (sum_n x0[n, i] - sum_n x1[n, i])
+    is the visible bias's. `rows` and `weights` have room for the ones of both and 2N more,
+    `bag_starts` for V + 2 entries.
     """
-    n_rows, n_columns = starts0.shape[0] - 1, sums0.shape[0]
-    sums0[:] = 0
-    sums1[:] = 0
+    n_rows, n_columns = starts0.shape[0] - 1, column_step.shape[0]
+    counts = np.zeros((2, n_columns), dtype=np.int64)
     for e in range(starts0[n_rows]):
-        sums0[columns0[e]] += 1
+        counts[0, columns0[e]] += 1
     for e in range(starts1[n_rows]):
-        sums1[columns1[e]] += 1
+        counts[1, columns1[e]] += 1
     bag_starts[0] = 0
     for i in range(n_columns):
-        bag_starts[i + 1] = bag_starts[i] + int(sums0[i]) + int(sums1[i])
+        bag_starts[i + 1] = bag_starts[i] + counts[0, i] + counts[1, i]
+        column_step[i] = scale * (counts[0, i] - counts[1, i])
     fill = bag_starts[:n_columns].copy()
     for n in range(n_rows):
         for e in range(starts0[n], starts0[n + 1]):
@@ -214,3 +217,7 @@ def outer_bags(
             i = columns1[e]
             rows[fill[i]], weights[fill[i]] = n_rows + n, -scale
             fill[i] += 1
+    always_on = bag_starts[n_columns]
+    for n in range(2 * n_rows):
+        rows[always_on + n], weights[always_on + n] = n, scale if n < n_rows else -scale
+    bag_starts[n_columns + 1] = always_on + 2 * n_rows

@@ -187,8 +187,9 @@ class CDTrainer:
         the parameter. Without, the velocity is this step alone, so the target is the parameter
         itself: no buffer, one pass over W fewer, and the decay folds into the scaling of the
         target (theta <- (1 - lr wd) theta + lr g). With g summed over the N rows,
-        lr g = lr/N (v0' ph0 - vk' phk) for W: two dense products into the target, or one call
-        of sums of rows (`BinaryProducts.outer`) where v0 and vk were both sparse.
+        lr g = lr/N (v0' ph0 - vk' phk) for W: two dense products into the target, or, where v0
+        and vk were both sparse, one call of sums of rows (`BinaryProducts.outer`) that also
+        gives the biases' steps.
         """
         rbm, s, n, work = self.rbm, self.settings, v0.shape[0], self._work
         m, scale, decay = s.momentum, s.learning_rate / n, s.learning_rate * s.weight_decay
@@ -204,17 +205,17 @@ class CDTrainer:
             W_to, a_to, b_to = rbm.W, rbm.a, rbm.b
         beta = m if m else 1.0 - decay
         if sums_of_rows:
-            step = work.binary.outer(work.ph, scale)  # also the column sums of v0 and vk
-            v0_sum, vk_sum = work.binary.column_sums
-            (W_to.mul_(beta) if beta != 1.0 else W_to).add_(step)
+            step = work.binary.outer(work.ph, scale)  # [V + 1, H]: W's step, then b's
+            (W_to.mul_(beta) if beta != 1.0 else W_to).add_(step[:-1])
+            a_to.add_(work.binary.visible_step)
+            b_to.add_(step[-1])
         else:
             W_to.addmm_(v0.T, ph0, beta=beta, alpha=scale).addmm_(vk.T, phk, alpha=-scale)
-            v0_sum, vk_sum = v0.sum(dim=0), vk.sum(dim=0)
+            # the bias steps from column sums of each side, half the cost of (v0 - vk).sum
+            a_to.add_(v0.sum(dim=0), alpha=scale).add_(vk.sum(dim=0), alpha=-scale)
+            b_to.add_(ph0.sum(dim=0), alpha=scale).add_(phk.sum(dim=0), alpha=-scale)
         if m and decay:
             W_to.add_(rbm.W, alpha=-decay)
-        # the bias gradients from column sums of each side, half the cost of (v0 - vk).sum
-        a_to.add_(v0_sum, alpha=scale).add_(vk_sum, alpha=-scale)
-        b_to.add_(ph0.sum(dim=0), alpha=scale).add_(phk.sum(dim=0), alpha=-scale)
         if m:
             rbm.W.add_(vel.W)
             rbm.a.add_(vel.a)
