@@ -251,3 +251,29 @@ def test_adaptive_threads_leaves_one_thread_and_disabled_runs_alone():
             assert chooser.per_step == {}
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [CDSettings(cd_k=3), CDSettings(cd_k=2, persistent=True), CDSettings(cd_k=1, momentum=0.5, weight_decay=0.01)],
+    ids=["CD-3", "PCD-2", "CD-1 momentum decay"],
+)
+def test_sums_of_rows_make_the_dense_products_steps(settings: CDSettings, monkeypatch):
+    """Where v0 and the chain are sparse, the trainer sums rows (core.binary) instead of dense products:
+    with the same samples, every step of CD-k, PCD-k, momentum and decay comes out the same, to rounding."""
+    g = torch.Generator().manual_seed(0)
+    start = RBM(torch.randn(40, 6, generator=g), torch.randn(40, generator=g) - 2, torch.randn(6, generator=g))
+    batches = [(torch.rand(10, 40, generator=g) < 0.1).float() for _ in range(3)]
+
+    def train(max_density: float) -> RBM:  # 0: every product dense; 1: every one summed from rows
+        monkeypatch.setattr(binary, "MAX_DENSITY", max_density)
+        trainer = CDTrainer(start.clone(), settings, torch.Generator().manual_seed(1))
+        trainer._sample = Threshold(trainer.generator)
+        for v0 in batches:
+            trainer.step(v0)
+        return trainer.rbm
+
+    dense, sums = train(0.0), train(1.0)
+    for name in "Wab":
+        torch.testing.assert_close(getattr(sums, name), getattr(dense, name), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(dense.W, start.W)
