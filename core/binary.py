@@ -43,7 +43,7 @@ class BinaryProducts:
 
     def __init__(self, n: int, n_visible: int, dtype: torch.dtype):
         size = n * n_visible
-        self.n, self.n_visible, self.dtype = n, n_visible, dtype
+        self.n = n
         # 32-bit positions: half the memory traffic of 64-bit ones, and embedding_bag takes either
         index = torch.int32 if 2 * size < 2**31 else torch.int64
         self.columns = [torch.empty(size, dtype=index) for _ in range(2)]
@@ -63,9 +63,6 @@ class BinaryProducts:
             "bag_starts": self.bag_starts.numpy(),
             "visible_step": self.visible_step.numpy(),
         }
-
-    def fits(self, n: int, n_visible: int, dtype: torch.dtype) -> bool:
-        return (self.n, self.n_visible, self.dtype) == (n, n_visible, dtype)
 
     def locate(self, slot: int, v: torch.Tensor) -> bool:
         """Find the ones of binary v [n, V] into `slot`; whether v is sparse enough for sums of rows."""

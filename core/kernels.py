@@ -12,7 +12,10 @@ functions for the machine at first use and caches the result next to this file (
 cache where that is read-only); they run on the calling thread (no thread pool of numba's own).
 Tensors on other devices take torch's ops instead (`core.sampling.FastBernoulli`).
 
-The functions take flat numpy views of contiguous CPU tensors (`flat`) and allocate nothing.
+The samplers take flat numpy views of contiguous CPU tensors (`flat`) and allocate nothing. The
+lists of ones (`ones_by_row`, `outer_bags`) serve `core.binary`: with them torch's `embedding_bag`
+takes a CD step's products with sparse binary states as sums of rows, which is where most of the
+step's time went once the sampling was fast.
 """
 
 from __future__ import annotations

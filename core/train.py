@@ -76,7 +76,7 @@ class _Workspace:
     ph: torch.Tensor  # [p(h|v0); p(h|v) of the latest Gibbs step], stacked for the sums of rows
     h: torch.Tensor  # the latest hidden sample
     pv: torch.Tensor  # p(v|h) of the latest Gibbs step
-    binary: BinaryProducts | None  # the sums of rows' buffers (CPU, with the compiled sampler)
+    binary: BinaryProducts | None  # the sums of rows' buffers (CPU, with FastBernoulli.compiled on)
 
     @classmethod
     def for_batch(cls, rbm: RBM, n: int, sums_of_rows: bool) -> _Workspace:
@@ -206,7 +206,9 @@ class CDTrainer:
         beta = m if m else 1.0 - decay
         if sums_of_rows:
             step = work.binary.outer(work.ph, scale)  # [V + 1, H]: W's step, then b's
-            (W_to.mul_(beta) if beta != 1.0 else W_to).add_(step[:-1])
+            if beta != 1.0:
+                W_to.mul_(beta)
+            W_to.add_(step[:-1])
             a_to.add_(work.binary.visible_step)
             b_to.add_(step[-1])
         else:
