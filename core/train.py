@@ -193,7 +193,6 @@ class CDTrainer:
         """
         rbm, s, n, work = self.rbm, self.settings, v0.shape[0], self._work
         m, scale, decay = s.momentum, s.learning_rate / n, s.learning_rate * s.weight_decay
-        ph0, phk = work.ph0, work.phk
         if m:
             if self.velocity is None or not self.velocity.fits(rbm):
                 self.velocity = _Velocity.zeros_like(rbm)
@@ -212,6 +211,7 @@ class CDTrainer:
             a_to.add_(work.binary.visible_step)
             b_to.add_(step[-1])
         else:
+            ph0, phk = work.ph0, work.phk
             W_to.addmm_(v0.T, ph0, beta=beta, alpha=scale).addmm_(vk.T, phk, alpha=-scale)
             # the bias steps from column sums of each side, half the cost of (v0 - vk).sum
             a_to.add_(v0.sum(dim=0), alpha=scale).add_(vk.sum(dim=0), alpha=-scale)
