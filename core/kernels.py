@@ -168,16 +168,20 @@ def ones_by_row(v: np.ndarray, columns: np.ndarray, starts: np.ndarray, limit: i
     columns[starts[n]:starts[n + 1]] are the i with v[n, i] != 0, in increasing order; returns
     their number, or, as soon as a row takes it past `limit`, that partial count (the lists are
     then incomplete: a dense matrix is not worth listing). `columns` has room for v.size entries,
-    `starts` for N + 1. Each column is written unconditionally and the write position moves on
-    only past a one: no branch to mispredict.
+    `starts` for N + 1.
+
+    Each column is written unconditionally and the write position moves on only past a one: no
+    branch to mispredict (skipping runs of zeros with a branch is faster only on a matrix the
+    branch predictor has seen before). The position is unsigned, so numba leaves out the check
+    for negative indices that a signed one costs on every write.
     """
-    count = 0
+    count = np.uint64(0)
     for n in range(v.shape[0]):
         starts[n] = count
         row = v[n]
         for i in range(v.shape[1]):
             columns[count] = i
-            count += row[i] != 0
+            count += np.uint64(row[i] != 0)
         if count > limit:
             return count
     starts[v.shape[0]] = count
@@ -200,26 +204,28 @@ def outer_bags(
     `bag_starts` for V + 2 entries.
     """
     n_rows, n_columns = starts0.shape[0] - 1, column_step.shape[0]
-    counts = np.zeros((2, n_columns), dtype=np.int64)
+    # unsigned positions: numba then skips its check for negative indices on every access
+    counts0 = np.zeros(n_columns, dtype=np.int64)
+    counts1 = np.zeros(n_columns, dtype=np.int64)
     for e in range(starts0[n_rows]):
-        counts[0, columns0[e]] += 1
+        counts0[np.uint64(columns0[e])] += 1
     for e in range(starts1[n_rows]):
-        counts[1, columns1[e]] += 1
+        counts1[np.uint64(columns1[e])] += 1
     bag_starts[0] = 0
     for i in range(n_columns):
-        bag_starts[i + 1] = bag_starts[i] + counts[0, i] + counts[1, i]
-        column_step[i] = scale * (counts[0, i] - counts[1, i])
-    fill = bag_starts[:n_columns].copy()
+        bag_starts[i + 1] = bag_starts[i] + counts0[i] + counts1[i]
+        column_step[i] = scale * (counts0[i] - counts1[i])
+    fill = bag_starts[:n_columns].astype(np.uint64)  # where each bag's next row goes
     for n in range(n_rows):
         for e in range(starts0[n], starts0[n + 1]):
-            i = columns0[e]
+            i = np.uint64(columns0[e])
             rows[fill[i]], weights[fill[i]] = n, scale
-            fill[i] += 1
+            fill[i] += np.uint64(1)
     for n in range(n_rows):
         for e in range(starts1[n], starts1[n + 1]):
-            i = columns1[e]
+            i = np.uint64(columns1[e])
             rows[fill[i]], weights[fill[i]] = n_rows + n, -scale
-            fill[i] += 1
+            fill[i] += np.uint64(1)
     always_on = bag_starts[n_columns]
     for n in range(2 * n_rows):
         rows[always_on + n], weights[always_on + n] = n, scale if n < n_rows else -scale

@@ -16,6 +16,8 @@ def test_ones_by_row_lists_each_rows_ones_in_order():
     v = sparse_states(37, 50, 0.2, seed=0)
     v[3] = 0  # an empty row
     v[5] = 1  # a full one
+    v[7] = 0
+    v[7, -1] = 1  # a row with one one, in the last column
     columns, starts = np.full(v.numel(), -1, dtype=np.int64), np.empty(38, dtype=np.int64)
     count = kernels.ones_by_row(v.numpy(), columns, starts, v.numel())
     rows, cols = np.nonzero(v.numpy())
