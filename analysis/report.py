@@ -208,7 +208,7 @@ def _kcomparison(
     kcompare.write_section(doc, done, epochs, out, configs=dict(zip(trials["id"], trials["config"], strict=True)),
                            sampler=search.get("sampler") if isinstance(search, dict) else None)
 
-    ranked = done[done["objective"].notna()].sort_values("objective", ascending=(mode == "min"))
+    ranked = overview.ranked(done, mode)  # the tie rule `status` and the best-trials table use
     representatives = {int(k): int(g.iloc[0]["trial_id"]) for k, g in ranked.groupby("k")}
     chosen = list(ranked["trial_id"].head(MAX_SAMPLED_TRIALS)) + list(representatives.values())
     drawn = {}
