@@ -18,6 +18,7 @@ import seaborn as sns
 from rbm_study.analysis import figures
 from rbm_study.analysis.figures import FigureFile
 from rbm_study.core.config import get_dotted
+from rbm_study.study.progress import rank_key
 
 KEY_METRICS = (
     "rbm.test.log_likelihood", "dbn.test.log_likelihood", "finetune.test.log_likelihood",
@@ -65,10 +66,11 @@ def _last_line(error: Any) -> str:
 
 
 def ranked(table: pd.DataFrame, mode: str) -> pd.DataFrame:
-    """Completed trials with an objective, best first; equal objectives in trial-number order, the
-    order `rbm-study status` breaks ties in, so both name the same best trial."""
+    """Completed trials with an objective, best first, by `rbm-study status`'s own rank key (equal
+    objectives in trial-number order), so the report and `status` name the same best trial."""
     done = table[(table["state"] == "completed") & table["objective"].notna()]
-    return done.sort_values(["objective", "number"], ascending=[mode == "min", True], kind="stable")
+    keys = [rank_key(mode, value, number) for value, number in zip(done["objective"], done["number"], strict=True)]
+    return done.iloc[sorted(range(len(done)), key=keys.__getitem__)]
 
 
 def best_trials(table: pd.DataFrame, mode: str, n: int = 5) -> pd.DataFrame:

@@ -26,12 +26,18 @@ def trial_epochs(study: StudyInfo, trial: TrialInfo) -> dict[str, int]:
     }
 
 
+def rank_key(mode: str, objective: float, number: int) -> tuple[float, int]:
+    """Sorting by this key puts the best trial first: the better objective under `mode` ("max" or
+    "min"), and between equal objectives the lower trial number (equal configs tie, e.g. a grid
+    point run twice). `status`, the live display and the report all rank by it, so they name the
+    same best trial."""
+    return (-objective if mode == "max" else objective, number)
+
+
 def best_trial(study: StudyInfo, trials: list[TrialInfo]) -> TrialInfo | None:
+    mode = study.objective_mode.split(",")[0]
     done = [t for t in trials if t.state == "completed" and t.objective_value is not None]
-    if not done:
-        return None
-    sign = 1 if study.objective_mode.split(",")[0] == "max" else -1
-    return max(done, key=lambda t: (sign * t.objective_value, -t.number))  # ties: the lowest number
+    return min(done, key=lambda t: rank_key(mode, t.objective_value, t.number), default=None)
 
 
 def summary_line(study: StudyInfo, trials: list[TrialInfo]) -> str:
