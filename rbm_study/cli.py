@@ -50,7 +50,8 @@ def version_text() -> str:
 
 
 class _Version(argparse.Action):
-    """`--version`, looked up only when asked for (reading the package metadata costs ~0.1 s)."""
+    """`--version`, looked up only when asked for: reading the package metadata imports
+    `importlib.metadata` and searches the installed distributions, which `--help` need not wait for."""
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
         print(version_text())
