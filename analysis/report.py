@@ -18,7 +18,7 @@ from rbm_study.analysis import figures, kcompare, overview
 from rbm_study.analysis.html import Document, write
 from rbm_study.analysis.load import Snapshot, open_snapshot
 from rbm_study.core import labfiles
-from rbm_study.core.errors import UserError
+from rbm_study.core.errors import UserError, output_folder
 
 MAX_SAMPLED_TRIALS = 60  # trials whose samples enter the sample statistics (best first)
 
@@ -80,7 +80,7 @@ def build(
         study = snap.study(name)
         if trial is not None:
             snap.trial(int(study["id"]), trial)
-        out.mkdir(parents=True, exist_ok=True)
+        output_folder(out)
         doc = _build(snap, study, trial, out, data_dir)
         write(doc, out)
         for key in [k for k in _SAMPLES if k[0] == str(snap.copy)]:
@@ -243,7 +243,7 @@ def export(db: str | Path, trial: int, out: str | Path, name: str | None = None)
         files = snap.weights(int(row["id"]))
     if not files:
         raise UserError(f"trial {trial} has no weight files in the database (state {row['state']})")
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     written = []
     for name in labfiles.FILE_NAMES.values():
         if name in files:

@@ -15,7 +15,7 @@ import torch
 from rbm_study.core import evaluate, labfiles
 from rbm_study.core.config import LabConfig, load_config, set_dotted
 from rbm_study.core.data import EVAL_BINARIZE_SEED, TEST_BINARIZE_SEED, binarize_once, load_mnist
-from rbm_study.core.errors import UserError
+from rbm_study.core.errors import UserError, output_folder
 from rbm_study.core.evaluate import RAISE_BETAS, RAISE_CHAINS, RAISE_IMAGES
 from rbm_study.core.models import DBN, RBM, UpDownDBN, mean_activity, visible_bias_from_means
 
@@ -30,8 +30,7 @@ def run_command(args: argparse.Namespace, model: type[LabConfig] = LabConfig) ->
         config = config.with_values({"data.root": args.data_dir})
     if args.device:
         config = config.with_values({"device": args.device})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     try:
         result = run_lab(config, progress=True)
     except FloatingPointError as err:  # a learning rate too large for the data: the user's to change

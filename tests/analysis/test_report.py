@@ -287,6 +287,12 @@ def test_bad_inputs_exit_2_with_one_line(study_db: Database, tmp_path: Path, cap
         ["export", "--db", study_db.arg, "--trial", "999", "--out", out], capsys)
     assert "has no weight files" in _one_line_exit_2(
         ["export", "--db", study_db.arg, "--trial", "4", "--out", out], capsys)
+    taken, before = tmp_path / "taken.html", study_db.digest()
+    taken.write_text("mine")
+    for command in (["report"], ["export", "--trial", "1"]):
+        assert "is a file, not a folder" in _one_line_exit_2(
+            [*command, "--db", study_db.arg, "--out", str(taken)], capsys)
+    assert taken.read_text() == "mine" and study_db.digest() == before
 
 
 # --- export ----------------------------------------------------------------------------------------

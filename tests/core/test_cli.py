@@ -108,6 +108,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+def test_an_output_folder_that_is_a_file_is_refused_and_left_alone(tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    done = rbm_study("run", "configs/lab.yaml", "--out", str(taken))
+    assert done.returncode == 2 and "is a file, not a folder" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and taken.read_text() == "mine"
+
+
 def test_divergence_is_a_one_line_message(tmp_path, mnist_dir):
     sets = [a for s in [*TINY, "rbm.learning_rate=3e38"] for a in ("--set", s)]
     done = rbm_study("run", "configs/lab.yaml", "--out", str(tmp_path), "--data-dir", mnist_dir, *sets)
