@@ -54,7 +54,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 
-from rbm_study.core.errors import UserError
+from rbm_study.core.errors import UserError, output_folder
 from rbm_study.study import migrations, schema
 from rbm_study.study.schema import APP_NAME, SCHEMA_VERSION, TRIAL_STATES
 
@@ -376,7 +376,7 @@ class StudyStorage:
                 raise StorageError(f"no database at {path}; start a study there with `rbm-study launch`")
             raise StorageError(f"{path} holds no rbm-study data yet; start a study with `rbm-study launch`")
         if kind == "new":
-            path.parent.mkdir(parents=True, exist_ok=True)
+            output_folder(path.parent, "--db's folder")
         self.engine: Engine = create_engine(self.url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
         if readonly:
             event.listen(self.engine, "connect", lambda c, r: c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}"))
@@ -386,7 +386,11 @@ class StudyStorage:
         # every write transaction (DDL of a migration included) all-or-nothing and serialised.
         event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         if kind == "new":
-            self._create_schema()
+            try:
+                self._create_schema()
+            except DBAPIError as err:  # the folder exists but takes no new file
+                raise StorageError(f"cannot create the database {path} ({err.orig}); pass a --db path in a "
+                                   "folder you can write to") from None
         elif self.schema_version < SCHEMA_VERSION:
             self._migrate()
 

@@ -108,6 +108,18 @@ def test_missing_database(tmp_path, capsys):
     assert not (tmp_path / "none.db").exists()
 
 
+def test_a_database_where_no_file_can_be_made_is_refused(tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    config = write_config(tmp_path)
+    code, err = run(capsys, "launch", str(config), "--db", str(taken / "study.db"))
+    assert code == 2 and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1
+    assert taken.read_text() == "mine"
+    if Path("/proc/self").is_dir():  # Linux: a folder that takes no new file, even for root
+        code, err = run(capsys, "launch", str(config), "--db", "/proc/rbm-study-test.db")
+        assert code == 2 and "cannot create the database" in err and len(err.strip().splitlines()) == 1
+
+
 # --- --db as a URL ---------------------------------------------------------------------------------
 COMMANDS = ("launch", "resume", "status", "report", "export")
 
