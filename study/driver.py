@@ -87,6 +87,12 @@ def ray_storage_path(db: Target) -> Path:
 
 
 # --- Ray ------------------------------------------------------------------------------------------
+def cluster_address(address: str | None) -> str | None:
+    """The cluster a driver joins: `address`, else $RAY_ADDRESS; None for a local Ray ("local")."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
+
+
 def start_ray(address: str | None, study: StudyConfig) -> str:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one bound to loopback."""
     for key, value in _TUNE_ENV.items():
@@ -97,8 +103,8 @@ def start_ray(address: str | None, study: StudyConfig) -> str:
     from rbm_study.study.raynode import driver_node_ip
 
     keep_loopback()
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "local":
+    address = cluster_address(address)
+    if address:
         claimed = driver_node_ip(address)
         node_ip = {"_node_ip_address": claimed} if claimed else {}
         try:
@@ -168,8 +174,19 @@ def _absolute_data_paths(study: StudyConfig) -> StudyConfig:
     return study
 
 
+def check_data(study: StudyConfig, address: str | None) -> None:
+    """On a local Ray the trials read MNIST where this driver does: missing here (and not
+    downloadable), every trial would fail, so the study stops before anything is stored or run.
+    A cluster's workers find their own copy (their MNIST_ROOT), which cannot be checked from here."""
+    if cluster_address(address) is None:
+        from rbm_study.core.data import ensure_downloaded, resolve_root
+
+        ensure_downloaded(resolve_root(study.data.root))
+
+
 def launch(db: Target, study: StudyConfig, name: str, address: str | None, progress: bool = True) -> int:
     study = _absolute_data_paths(study)
+    check_data(study, address)
     storage = StudyStorage(db, create=True)
     claim = lease.this_driver()
     info = storage.create_study(
@@ -188,6 +205,7 @@ def resume(db: Target, name: str | None, address: str | None, progress: bool = T
               f"{dead.heartbeat_at:%H:%M:%S} UTC")
     try:
         study = _absolute_data_paths(stored_config(info.config))
+        check_data(study, address)
         done = _finished(storage, info.id)
     except BaseException:
         held.release()

@@ -120,6 +120,29 @@ def test_a_database_where_no_file_can_be_made_is_refused(tmp_path, capsys):
         assert code == 2 and "cannot create the database" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_local_study_without_mnist_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    """On a local Ray the trials read MNIST where the driver does: missing there, every trial would
+    fail. (A file as the data root: nothing can be downloaded into it, whatever the network.)"""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    nowhere = tmp_path / "notes.txt"
+    nowhere.write_text("mine")
+    config = write_config(tmp_path, data={"root": str(nowhere)})
+    db = tmp_path / "study.db"
+    code, err = run(capsys, "launch", str(config), "--db", str(db))
+    assert code == 2 and "MNIST not found" in err and len(err.strip().splitlines()) == 1, err
+    assert not db.exists()
+
+    storage = StudyStorage(db, create=True)  # a study whose data has gone since it was launched
+    study = storage.create_study("tiny", load_study_config(str(config), []).to_dict(), 2,
+                                 "final.val.log_likelihood", "max", "test")
+    code, err = run(capsys, "resume", "--db", str(db))
+    assert code == 2 and "MNIST not found" in err and len(err.strip().splitlines()) == 1, err
+    assert storage.get_study("tiny").status == study.status and storage.trials(study.id) == []
+    code, err = run(capsys, "resume", "--db", str(db))  # the lease was given back: refused the same way
+    assert code == 2 and "MNIST not found" in err, err
+    storage.close()
+
+
 # --- --db as a URL ---------------------------------------------------------------------------------
 COMMANDS = ("launch", "resume", "status", "report", "export")
 
