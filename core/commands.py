@@ -70,7 +70,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if args.images is not None and args.images < 1:
         raise UserError("--images must be >= 1")
     if not Path(args.file).is_file():
-        raise UserError(f"{args.file} does not exist")
+        why = "is a folder, not a lab weight file" if Path(args.file).is_dir() else "does not exist"
+        raise UserError(f"{args.file} {why}")
     model = labfiles.load(args.file)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device == "cuda" and not torch.cuda.is_available():

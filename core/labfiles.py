@@ -114,19 +114,40 @@ def to_bytes(model: Model) -> bytes:
 
 def load_state(source: str | Path | bytes) -> dict:
     """The dict in a lab file (path or bytes), read with weights_only=True."""
+    name = "data" if isinstance(source, bytes) else str(source)
+    stream = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
     try:
-        if isinstance(source, bytes):
-            state = torch.load(io.BytesIO(source), map_location="cpu", weights_only=True)
-        else:
-            state = torch.load(Path(source), map_location="cpu", weights_only=True)
+        state = torch.load(stream, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as err:
-        raise LabFileError(f"{source if not isinstance(source, bytes) else 'data'} is not a torch weight file: "
-                           f"{str(err).splitlines()[0]}") from None
+        raise LabFileError(f"{name} is not a lab weight file: {_load_failure(source, err)}") from None
     if not isinstance(state, dict):
         raise LabFileError(f"a lab file holds a dict of tensors, this one a {type(state).__name__}")
     return state
+
+
+def _load_failure(source: str | Path | bytes, err: Exception) -> str:
+    """Why torch.load refused a file, in words. Its own message for a weights-only refusal opens
+    with advice to load with weights_only=False (running whatever code the file holds), which is
+    not ours to give; the reason is the line after "WeightsUnpickler error:"."""
+    if isinstance(err, IsADirectoryError):
+        return "it is a folder"
+    try:
+        if isinstance(source, bytes):
+            head = source[:4]
+        else:
+            with Path(source).open("rb") as file:
+                head = file.read(4)
+    except OSError as unreadable:
+        return unreadable.strerror or type(unreadable).__name__
+    if head != b"PK\x03\x04":
+        return "torch.save writes a zip archive and this is not one"
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        after = text.split("WeightsUnpickler error:", 1)[1].strip()
+        return after.split(". ")[0].splitlines()[0] if after else "refused by weights_only"
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load(source: str | Path | bytes, device: torch.device | str = "cpu") -> Model:

@@ -112,7 +112,7 @@ def start_ray(address: str | None, study: StudyConfig) -> str:
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise UserError(f"cannot join the Ray cluster at {address}: {err}".splitlines()[0]) from None
         return f"cluster at {ray.get_runtime_context().gcs_address}"  # what "auto" found, too
-    cpus = study.resources.num_cpus or os.cpu_count() or 1
+    cpus = local_cpus(study)
     gpus = None if study.resources.gpus_per_trial > 0 else 0
     ray.init(
         address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
@@ -174,19 +174,41 @@ def _absolute_data_paths(study: StudyConfig) -> StudyConfig:
     return study
 
 
-def check_data(study: StudyConfig, address: str | None) -> None:
-    """On a local Ray the trials read MNIST where this driver does: missing here (and not
-    downloadable), every trial would fail, so the study stops before anything is stored or run.
-    A cluster's workers find their own copy (their MNIST_ROOT), which cannot be checked from here."""
-    if cluster_address(address) is None:
-        from rbm_study.core.data import ensure_downloaded, resolve_root
+def local_cpus(study: StudyConfig) -> int:
+    """The CPUs a local Ray is given: resources.num_cpus, else the machine's."""
+    return study.resources.num_cpus or os.cpu_count() or 1
 
-        ensure_downloaded(resolve_root(study.data.root))
+
+def preflight(study: StudyConfig, address: str | None) -> None:
+    """On a local Ray, refuse before anything is stored or run a study whose trials could never
+    start or would all fail: MNIST missing where the driver looks (the trials look there too), or a
+    trial asking for more CPUs or GPUs than the machine has (Tune would wait for them forever).
+    A cluster's workers, data and autoscaler cannot be judged from here."""
+    if cluster_address(address) is not None:
+        return
+    from rbm_study.core.data import ensure_downloaded, resolve_root
+
+    ensure_downloaded(resolve_root(study.data.root))
+    r, cpus = study.resources, local_cpus(study)
+    if r.cpus_per_trial > cpus:
+        raise UserError(
+            f"resources.cpus_per_trial is {r.cpus_per_trial:g} but the local Ray has {cpus} CPUs "
+            f"(resources.num_cpus or this machine's); set --set resources.cpus_per_trial={cpus} or less"
+        )
+    if r.gpus_per_trial > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if r.gpus_per_trial > gpus:
+            raise UserError(
+                f"resources.gpus_per_trial is {r.gpus_per_trial:g} but this machine has {gpus} CUDA "
+                f"GPUs; set --set resources.gpus_per_trial=0 (and device: cpu or auto)"
+            )
 
 
 def launch(db: Target, study: StudyConfig, name: str, address: str | None, progress: bool = True) -> int:
     study = _absolute_data_paths(study)
-    check_data(study, address)
+    preflight(study, address)
     storage = StudyStorage(db, create=True)
     claim = lease.this_driver()
     info = storage.create_study(
@@ -205,7 +227,7 @@ def resume(db: Target, name: str | None, address: str | None, progress: bool = T
               f"{dead.heartbeat_at:%H:%M:%S} UTC")
     try:
         study = _absolute_data_paths(stored_config(info.config))
-        check_data(study, address)
+        preflight(study, address)
         done = _finished(storage, info.id)
     except BaseException:
         held.release()

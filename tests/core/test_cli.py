@@ -98,6 +98,7 @@ def test_evaluate_raise_alone(run_dir, mnist_dir):
         (["run", "configs/lab.yaml", "--out", "{tmp}", "--data-dir", "{tmp}/no-mnist", "--set", "rbm.epochs=0"],
          "MNIST not found"),
         (["evaluate", "{tmp}/missing.th"], "does not exist"),
+        (["evaluate", "{tmp}"], "is a folder, not a lab weight file"),
         (["evaluate", "{tmp}/missing.th", "--images", "0"], "--images"),
         (["evaluate", "{tmp}/missing.th", "--betas", "2"], "--betas"),
     ],

@@ -57,8 +57,13 @@ def test_foreign_files_are_refused(tmp_path):
     with pytest.raises(labfiles.LabFileError, match="match none"):
         labfiles.load(tmp_path / "x.th")
     (tmp_path / "y.th").write_text("not a torch file")
-    with pytest.raises(labfiles.LabFileError, match="not a torch weight file"):
+    with pytest.raises(labfiles.LabFileError, match=r"not a lab weight file: torch\.save writes a zip archive"):
         labfiles.load(tmp_path / "y.th")
+    torch.save({"rbm_w": slice(1, 2)}, tmp_path / "code.th")  # loading it would need weights_only=False
+    refusal = r"not a lab weight file: Unsupported global: GLOBAL slice"
+    with pytest.raises(labfiles.LabFileError, match=refusal) as refused:
+        labfiles.load(tmp_path / "code.th")
+    assert "weights_only" not in str(refused.value)  # not torch's advice to load it unsafely
     torch.save({"rbm_w": torch.zeros(784, 10), "rbm_v": torch.zeros(784), "rbm_h": torch.zeros(11)}, tmp_path / "z.th")
     with pytest.raises(labfiles.LabFileError, match="shapes"):
         labfiles.load(tmp_path / "z.th")

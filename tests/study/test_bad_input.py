@@ -143,6 +143,26 @@ def test_a_local_study_without_mnist_is_refused_before_anything_runs(tmp_path, c
     storage.close()
 
 
+@pytest.mark.parametrize(
+    ("resources", "named"),
+    [({"num_cpus": 1, "cpus_per_trial": 2}, "resources.cpus_per_trial is 2 but the local Ray has 1 CPUs"),
+     ({"gpus_per_trial": 1}, "resources.gpus_per_trial is 1 but this machine has 0 CUDA GPUs")],
+)
+def test_a_local_trial_that_can_never_start_is_refused_before_anything_is_stored(
+        tmp_path, capsys, monkeypatch, resources, named):
+    """A trial asking for more than the local Ray has would leave Tune waiting for it forever."""
+    if "gpus_per_trial" in resources:
+        torch = pytest.importorskip("torch")
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA GPU")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = write_config(tmp_path, device="auto", resources=resources)
+    db = tmp_path / "study.db"
+    code, err = run(capsys, "launch", str(config), "--db", str(db))
+    assert code == 2 and named in err and len(err.strip().splitlines()) == 1, err
+    assert not db.exists()
+
+
 # --- --db as a URL ---------------------------------------------------------------------------------
 COMMANDS = ("launch", "resume", "status", "report", "export")
 
