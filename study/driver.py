@@ -193,7 +193,8 @@ def preflight(study: StudyConfig, address: str | None) -> None:
     if r.cpus_per_trial > cpus:
         raise UserError(
             f"resources.cpus_per_trial is {r.cpus_per_trial:g} but the local Ray has {cpus} CPUs "
-            f"(resources.num_cpus or this machine's); set --set resources.cpus_per_trial={cpus} or less"
+            f"(resources.num_cpus or this machine's), so no trial could start; launch with --set "
+            f"resources.cpus_per_trial={cpus} or less, or run on a Ray cluster with --address"
         )
     if r.gpus_per_trial > 0:
         import torch
@@ -202,7 +203,8 @@ def preflight(study: StudyConfig, address: str | None) -> None:
         if r.gpus_per_trial > gpus:
             raise UserError(
                 f"resources.gpus_per_trial is {r.gpus_per_trial:g} but this machine has {gpus} CUDA "
-                f"GPUs; set --set resources.gpus_per_trial=0 (and device: cpu or auto)"
+                f"GPUs, so no trial could start; launch with --set resources.gpus_per_trial=0, or run "
+                f"on a Ray cluster with GPUs with --address"
             )
 
 

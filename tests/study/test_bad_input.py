@@ -162,6 +162,14 @@ def test_a_local_trial_that_can_never_start_is_refused_before_anything_is_stored
     assert code == 2 and named in err and len(err.strip().splitlines()) == 1, err
     assert not db.exists()
 
+    storage = StudyStorage(db, create=True)  # stored by a driver that had the resources
+    study = storage.create_study("tiny", load_study_config(str(config), []).to_dict(), 2,
+                                 "final.val.log_likelihood", "max", "test")
+    code, err = run(capsys, "resume", "--db", str(db))
+    assert code == 2 and named in err and len(err.strip().splitlines()) == 1, err
+    assert storage.get_study("tiny").status == study.status and storage.trials(study.id) == []
+    storage.close()
+
 
 # --- --db as a URL ---------------------------------------------------------------------------------
 COMMANDS = ("launch", "resume", "status", "report", "export")
