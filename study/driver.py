@@ -125,7 +125,8 @@ def trial_slots(study: StudyConfig) -> int:
     """How many trials fit in the cluster at once; the default concurrency.
 
     Bounding concurrency keeps Optuna from proposing every trial up front (which would make TPE a
-    random search) and keeps few trials in flight when the driver dies.
+    random search) and keeps few trials in flight when the driver dies. At least one: a trial that
+    fits no node yet waits for one to join (`unplaced` says so).
     """
     import ray
 
@@ -134,12 +135,22 @@ def trial_slots(study: StudyConfig) -> int:
     slots = math.floor(res.get("CPU", 1) / r.cpus_per_trial + 1e-9)
     if r.gpus_per_trial > 0:
         slots = min(slots, math.floor(res.get("GPU", 0) / r.gpus_per_trial + 1e-9))
-        if slots < 1:
-            raise UserError(
-                f"resources.gpus_per_trial is {r.gpus_per_trial} but the Ray cluster has "
-                f"{res.get('GPU', 0)} GPUs"
-            )
     return max(1, slots)
+
+
+def unplaced(study: StudyConfig, nodes: list[dict[str, Any]]) -> str | None:
+    """Why no trial can start on a cluster of `nodes` (as `ray.nodes()` lists them) now, or None
+    where a live node has the CPUs and GPUs one trial asks for (they must all sit on one node).
+    Tune then waits, for an autoscaler or a `ray start` elsewhere, so the driver says so once."""
+    r = study.resources
+    for node in nodes:
+        has = node.get("Resources", {})
+        if (node.get("Alive") and has.get("CPU", 0) + 1e-9 >= r.cpus_per_trial
+                and has.get("GPU", 0) + 1e-9 >= r.gpus_per_trial):
+            return None
+    asked = f"{r.cpus_per_trial:g} CPUs" + (f" and {r.gpus_per_trial:g} GPUs" if r.gpus_per_trial else "")
+    return (f"no node of the cluster has {asked} for one trial now; the trials wait until such a node "
+            "joins (Ctrl-C stops the study, `rbm-study resume` carries on)")
 
 
 def _max_training_iterations(study: StudyConfig) -> int:
@@ -287,6 +298,9 @@ def _run_remaining(storage: StudyStorage, info: StudyInfo, study: StudyConfig, a
     try:
         slots = study.search.max_concurrent or trial_slots(study)
         print(f"  {remaining} trial(s) to run on {where}, up to {slots} at a time")
+        waiting = unplaced(study, ray.nodes())
+        if waiting:
+            print(f"  {waiting}")
         seed = storage.checkpoints_for_interrupted(info.id)
         store = start_store(seed)  # held until Tune is done: the trials look it up by name
         if seed:
