@@ -1,5 +1,4 @@
-"""Bernoulli sampling on the CPU in one compiled loop (numba): random bits, comparison, sample;
-and the lists of where a binary matrix's ones are, for the sums of rows of `core.binary`.
+"""Bernoulli sampling on the CPU in one compiled loop (numba): random bits, comparison, sample.
 
 Why: after its five matrix products, the largest cost of a CD-1 step of 100 MNIST images on a CPU
 is drawing its ~90,000 Bernoulli samples. numpy's SFC64 makes one 64-bit word at a time, and torch's
@@ -12,10 +11,10 @@ functions for the machine at first use and caches the result next to this file (
 cache where that is read-only); they run on the calling thread (no thread pool of numba's own).
 Tensors on other devices take torch's ops instead (`core.sampling.FastBernoulli`).
 
-The samplers take flat numpy views of contiguous CPU tensors (`flat`) and allocate nothing. The
-lists of ones (`ones_by_row`, `outer_bags`) serve `core.binary`: with them torch's `embedding_bag`
-takes a CD step's products with sparse binary states as sums of rows, which is where most of the
-step's time went once the sampling was fast.
+The samplers take flat numpy views of contiguous CPU tensors (`flat`) and allocate nothing. They
+serve the Binarizer's redraws, the up-down and greedy samples and the annealing chains; the CD step
+itself is one C++ call with its own copy of this sampler (`core.cpu_cd`; the tests check the two
+draw the same samples from the same state).
 """
 
 from __future__ import annotations
@@ -42,14 +41,16 @@ LANES = 64
 """Independent SFC64 generators stepped side by side: the loop over them runs in vector registers."""
 
 
-def sfc64_lanes(seed: int) -> np.ndarray:
+def sfc64_lanes(seed: int | np.random.SeedSequence) -> np.ndarray:
     """The [4, LANES] uint64 state (a, b, c, counter) of LANES SFC64 generators.
 
     Each lane is seeded exactly as numpy seeds `np.random.SFC64(child)` for the children of
-    `SeedSequence(seed).spawn(LANES)`, numpy's recipe for independent parallel streams; a lane's
-    outputs are that generator's `random_raw()` stream, word for word (the tests check this).
+    `SeedSequence(seed).spawn(LANES)` (or `seed.spawn(LANES)`), numpy's recipe for independent
+    parallel streams; a lane's outputs are that generator's `random_raw()` stream, word for word
+    (the tests check this).
     """
-    children = np.random.SeedSequence(seed).spawn(LANES)
+    sequence = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    children = sequence.spawn(LANES)
     return np.array([np.random.SFC64(child).state["state"]["state"] for child in children], dtype=np.uint64).T.copy()
 
 
@@ -159,74 +160,3 @@ def bernoulli_and_squared_error(
             d = p_part[i] - v_part[i]
             total += d * d
     return total
-
-
-@numba.njit(cache=True, nogil=True, boundscheck=False)
-def ones_by_row(v: np.ndarray, columns: np.ndarray, starts: np.ndarray, limit: int) -> int:
-    """Where the ones of a binary [N, V] matrix are, row by row (compressed sparse rows).
-
-    columns[starts[n]:starts[n + 1]] are the i with v[n, i] != 0, in increasing order; returns
-    their number, or, as soon as a row takes it past `limit`, that partial count (the lists are
-    then incomplete: a dense matrix is not worth listing). `columns` has room for v.size entries,
-    `starts` for N + 1.
-
-    Each column is written unconditionally and the write position moves on only past a one: no
-    branch to mispredict (skipping runs of zeros with a branch is faster only on a matrix the
-    branch predictor has seen before). The position is unsigned, so numba leaves out the check
-    for negative indices that a signed one costs on every write.
-    """
-    count = np.uint64(0)
-    for n in range(v.shape[0]):
-        starts[n] = count
-        row = v[n]
-        for i in range(v.shape[1]):
-            columns[count] = i
-            count += np.uint64(row[i] != 0)
-        if count > limit:
-            return count
-    starts[v.shape[0]] = count
-    return count
-
-
-@numba.njit(cache=True, nogil=True, boundscheck=False)
-def outer_bags(
-    columns0: np.ndarray, starts0: np.ndarray, columns1: np.ndarray, starts1: np.ndarray, scale: float,
-    rows: np.ndarray, weights: np.ndarray, bag_starts: np.ndarray, column_step: np.ndarray,
-) -> None:
-    """A CD update's terms as bags of rows: scale (x0' P0 - x1' P1) and scale (1' P0 - 1' P1).
-
-    x0, x1 are binary [N, V], given by `ones_by_row`; bag i lists, in rows[bag_starts[i]:
-    bag_starts[i + 1]], the rows of the stacked [P0; P1] that row i of x0' P0 - x1' P1 sums: n,
-    weight +scale, for every one x0[n, i], then N + n, weight -scale, for every one x1[n, i], each
-    by increasing n. Bag V lists every row the same way, as for a visible unit always on: its row
-    of the product is the hidden bias's step. column_step[i] = scale (sum_n x0[n, i] - sum_n x1[n, i])
-    is the visible bias's. `rows` and `weights` have room for the ones of both and 2N more,
-    `bag_starts` for V + 2 entries.
-    """
-    n_rows, n_columns = starts0.shape[0] - 1, column_step.shape[0]
-    # unsigned positions: numba then skips its check for negative indices on every access
-    counts0 = np.zeros(n_columns, dtype=np.int64)
-    counts1 = np.zeros(n_columns, dtype=np.int64)
-    for e in range(starts0[n_rows]):
-        counts0[np.uint64(columns0[e])] += 1
-    for e in range(starts1[n_rows]):
-        counts1[np.uint64(columns1[e])] += 1
-    bag_starts[0] = 0
-    for i in range(n_columns):
-        bag_starts[i + 1] = bag_starts[i] + counts0[i] + counts1[i]
-        column_step[i] = scale * (counts0[i] - counts1[i])
-    fill = bag_starts[:n_columns].astype(np.uint64)  # where each bag's next row goes
-    for n in range(n_rows):
-        for e in range(starts0[n], starts0[n + 1]):
-            i = np.uint64(columns0[e])
-            rows[fill[i]], weights[fill[i]] = n, scale
-            fill[i] += np.uint64(1)
-    for n in range(n_rows):
-        for e in range(starts1[n], starts1[n + 1]):
-            i = np.uint64(columns1[e])
-            rows[fill[i]], weights[fill[i]] = n_rows + n, -scale
-            fill[i] += np.uint64(1)
-    always_on = bag_starts[n_columns]
-    for n in range(2 * n_rows):
-        rows[always_on + n], weights[always_on + n] = n, scale if n < n_rows else -scale
-    bag_starts[n_columns + 1] = always_on + 2 * n_rows

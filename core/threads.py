@@ -42,10 +42,12 @@ class AdaptiveThreads:
     once, when torch loads): that ends the stalls, but then every region has to wake a sleeping
     thread, and on a quiet machine two threads became slower than one.
 
-    Only `torch.set_num_threads` is used; the count in force before `running` is restored after
-    it. Results do not depend on the count: MKL's sgemm and torch's element-wise operations and
-    column sums give the same bits on one thread as on two for the shapes trained here (the tests
-    check it), so the same seed still gives the same weights.
+    The count chosen goes to `torch.set_num_threads`, or, where `running` is given `apply`, to
+    that (the compiled CD step's own threads, `core.cpu_cd`) while torch stays on one thread. The
+    count in force before `running` is restored after it. Results do not depend on the count: the
+    compiled step cuts its work the same way on any count, and MKL's sgemm and torch's element-wise
+    operations and column sums give the same bits on one thread as on two for the shapes trained
+    here (the tests check it), so the same seed still gives the same weights.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class AdaptiveThreads:
         self._recent: dict[int, deque[float]] = {}  # thread count -> seconds per step of its last chunks
         self.steps_on: dict[int, int] = {}  # thread count -> steps run on it, all told
         self._active = False  # inside `running`, with more than one thread to choose from
+        self._apply: Callable[[int], None] = torch.set_num_threads  # where a chosen count goes
         self._trial = False  # whether the chunk now running tries the count not in use
         self._interval = 1  # chunks between trials of the count not in use
         self._until_trial = 1
@@ -72,18 +75,23 @@ class AdaptiveThreads:
         self._chunk_start: float | None = None  # None until the first step of a `running` block ends
 
     @contextmanager
-    def running(self, enabled: bool = True):
+    def running(self, enabled: bool = True, apply: Callable[[int], None] | None = None):
         """Choose the thread count for the steps inside; each step ends with a call to `step`.
 
-        Disabled (a CUDA model) or with torch on one thread already, nothing is changed.
+        The count goes to `apply` if given (torch then runs on one thread meanwhile), else to
+        `torch.set_num_threads`. Disabled (a CUDA model) or with torch on one thread already,
+        nothing is changed.
         """
         most = torch.get_num_threads()
         if most != self.most:  # a new thread budget: earlier measurements do not apply
             self.most, self.threads, self.per_step, self._recent = most, most, {}, {}
             self._trial, self._interval, self._until_trial = False, 1, 1
         self._active = enabled and most > 1
+        self._apply = apply or torch.set_num_threads
         if self._active:
-            torch.set_num_threads(self.threads)
+            if apply is not None:
+                torch.set_num_threads(1)
+            self._apply(self.threads)
         # the clock starts after the first step, which also pays for what precedes the loop
         # (an epoch's first minibatch redraws the binary copy of the data)
         self._steps, self._chunk_start = 0, None
@@ -93,6 +101,7 @@ class AdaptiveThreads:
             if self._active:
                 torch.set_num_threads(most)
             self._active = False
+            self._apply = torch.set_num_threads
 
     def step(self) -> None:
         """One step is done: at the end of a chunk, pick the thread count of the next one."""
@@ -132,4 +141,4 @@ class AdaptiveThreads:
                 self._trial, current = True, other
         if current != self.threads:
             self.threads = current
-            torch.set_num_threads(current)
+            self._apply(current)

@@ -15,12 +15,11 @@ parameter theta with gradient estimate g:
 
 (wd on W only); both are off in the lab's settings, where the step is just lr g.
 
-On the CPU the visible states v0 and vk are binary and mostly zeros on MNIST, so the four products
-with them (p(h|v0), p(h|vk) and the two of dW) are sums of the rows their ones pick
-(`core.binary`), where they are sparse enough; the product with the hidden sample, and every
-product elsewhere, is dense. Besides torch's operations the only compiled code is the Bernoulli
-sampler's loop and the lists of where the ones are (`core.kernels`). How many threads the
-operations use is chosen as training goes (`AdaptiveThreads`).
+On the CPU, for float32 models and binary visible states (the data, a DBN's hidden samples), a
+step is one compiled call (`core.cpu_cd`): every product with a binary matrix a sum of the rows
+its ones pick, the minibatch in two parts side by side. Elsewhere (a GPU, float64, states that are
+not binary, or no C++ compiler) the same step is torch's operations. How many threads a step uses
+is chosen as training goes (`AdaptiveThreads`).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rbm_study.core.binary import BinaryProducts
+from rbm_study.core import cpu_cd
 from rbm_study.core.data import Binarizer
 from rbm_study.core.models import RBM
 from rbm_study.core.sampling import FastBernoulli
@@ -76,16 +75,14 @@ class _Workspace:
     ph: torch.Tensor  # [p(h|v0); p(h|v) of the latest Gibbs step], stacked for the sums of rows
     h: torch.Tensor  # the latest hidden sample
     pv: torch.Tensor  # p(v|h) of the latest Gibbs step
-    binary: BinaryProducts | None  # the sums of rows' buffers (CPU, with FastBernoulli.compiled on)
 
     @classmethod
-    def for_batch(cls, rbm: RBM, n: int, sums_of_rows: bool) -> _Workspace:
+    def for_batch(cls, rbm: RBM, n: int) -> _Workspace:
         def new(*shape: int) -> torch.Tensor:
             return torch.empty(*shape, dtype=rbm.W.dtype, device=rbm.W.device)
 
         H, V = rbm.n_hidden, rbm.n_visible
-        binary = BinaryProducts(n, V, rbm.W.dtype) if sums_of_rows else None
-        return cls(new(2 * n, H), new(n, H), new(n, V), binary)
+        return cls(new(2 * n, H), new(n, H), new(n, V))
 
     @property
     def ph0(self) -> torch.Tensor:
@@ -95,11 +92,9 @@ class _Workspace:
     def phk(self) -> torch.Tensor:
         return self.ph[self.h.shape[0] :]
 
-    def fits(self, rbm: RBM, n: int, sums_of_rows: bool) -> bool:
+    def fits(self, rbm: RBM, n: int) -> bool:
         same_layout = self.pv.dtype == rbm.W.dtype and self.pv.device == rbm.W.device
-        return same_layout and self.pv.shape == (n, rbm.n_visible) and self.h.shape == (n, rbm.n_hidden) and (
-            (self.binary is not None) == sums_of_rows
-        )
+        return same_layout and self.pv.shape == (n, rbm.n_visible) and self.h.shape == (n, rbm.n_hidden)
 
 
 def _conditional(bias: torch.Tensor, x: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -119,7 +114,8 @@ class CDTrainer:
     last_negative: torch.Tensor | None = None  # vk of the last step (up-down's sleep pass starts there)
     threads: AdaptiveThreads = field(default_factory=AdaptiveThreads, repr=False)  # epochs' thread count
     _work: _Workspace | None = field(default=None, repr=False)
-    _sample: FastBernoulli | None = field(default=None, repr=False)  # the chain's sampler
+    _sample: FastBernoulli | None = field(default=None, repr=False)  # the chain's sampler (torch's path)
+    _compiled: cpu_cd.CPUStep | None = field(default=None, repr=False)  # the compiled step's state (CPU)
     _data: Binarizer | None = field(default=None, repr=False)  # the training data, kept across epochs
 
     def step(self, v0: torch.Tensor) -> float:
@@ -133,95 +129,125 @@ class CDTrainer:
     def update(self, v0: torch.Tensor) -> torch.Tensor:
         """`step` without the host sync: the reconstruction error stays a 0-dim tensor on the device.
 
-        The chain is sampled with `FastBernoulli` (16-bit uniforms, bias <= 2^-17 per unit): with
-        torch's own sampling the random numbers, not the matmuls, are the biggest cost of a step
-        on the CPU. There, with `FastBernoulli.compiled` on, the products with sparse binary
-        visible states are sums of rows (`core.binary`).
+        On the CPU (float32, binary states, `FastBernoulli.compiled` on) the step is one compiled
+        call (`core.cpu_cd`); elsewhere torch's operations, sampled with `FastBernoulli` (16-bit
+        uniforms, bias <= 2^-17 per unit, as the compiled step's): with torch's own sampling the
+        random numbers, not the matmuls, are the biggest cost of a step on the CPU.
         """
+        if self._compiled_step_serves():
+            recon_error = self._compiled_update(v0)
+            if recon_error is not None:
+                return recon_error
+        return self._torch_update(v0)
+
+    def _compiled_step_serves(self) -> bool:
+        if not (FastBernoulli.compiled and cpu_cd.fits(self.rbm.W)):
+            return False
+        if self._compiled is None or self._compiled.generator is not self.generator:
+            self._compiled = cpu_cd.CPUStep(self.generator)
+        return True
+
+    def _compiled_update(self, v0: torch.Tensor) -> torch.Tensor | None:
+        """The compiled step, the update rule's targets set here (`_targets`); None where v0 or the
+        chain is not binary (then nothing was changed)."""
+        rbm, s, n = self.rbm, self.settings, v0.shape[0]
+        chain = None
+        if s.persistent:
+            if self.chain is None or self.chain.shape != v0.shape:
+                self.chain = v0.clone()
+            chain = self.chain
+        targets, beta, bias_beta = self._targets()
+        result = self._compiled(v0, rbm.W, rbm.a, rbm.b, targets, s.cd_k, chain, beta, bias_beta, s.learning_rate / n)
+        if result is None:
+            return None
+        vk, squared_error = result
+        self.last_negative = vk
+        if s.persistent:
+            self.chain = vk
+        self._apply_velocity()
+        return squared_error / n
+
+    def _torch_update(self, v0: torch.Tensor) -> torch.Tensor:
         rbm, s, n = self.rbm, self.settings, v0.shape[0]
         if self._sample is None or self._sample.generator is not self.generator:
             self._sample = FastBernoulli(self.generator)
-        sums_of_rows = FastBernoulli.compiled and rbm.W.device.type == "cpu"
-        if self._work is None or not self._work.fits(rbm, n, sums_of_rows):
-            self._work = _Workspace.for_batch(rbm, n, sums_of_rows)
+        if self._work is None or not self._work.fits(rbm, n):
+            self._work = _Workspace.for_batch(rbm, n)
         sample, work = self._sample, self._work
 
-        ph0, sparse0 = self._p_h(v0, 0, work.ph0)
+        ph0 = _conditional(rbm.b, v0, rbm.W, out=work.ph0)
         pv = _conditional(rbm.a, sample(ph0, out=work.h), rbm.W.T, out=work.pv)  # the reconstruction
         # the chain's visible samples are new tensors: they outlive the step (last_negative, PCD chain)
         if s.persistent:  # the chain goes on from its last state
             recon_error = torch.nn.functional.mse_loss(pv, v0, reduction="sum") / n
             if self.chain is None or self.chain.shape != v0.shape:
                 self.chain = v0.clone()
-            ph, _ = self._p_h(self.chain, 1, work.phk)
+            ph = _conditional(rbm.b, self.chain, rbm.W, out=work.phk)
             vk = sample(_conditional(rbm.a, sample(ph, out=work.h), rbm.W.T, out=work.pv))
         else:  # the reconstruction is also the first Gibbs step's p(v|h): one pass samples and scores it
             vk, squared_error = sample.with_squared_error(pv, v0)
             recon_error = squared_error / n
         for i in range(s.cd_k):
-            phk, sparsek = self._p_h(vk, 1, work.phk)
+            phk = _conditional(rbm.b, vk, rbm.W, out=work.phk)
             if i + 1 < s.cd_k:  # the update uses phk, so a hidden sample after the last step is waste
                 vk = sample(_conditional(rbm.a, sample(phk, out=work.h), rbm.W.T, out=work.pv))
         self.last_negative = vk
         if s.persistent:
             self.chain = vk
-        self._descend(v0, vk, sums_of_rows=sparse0 and sparsek)
+        self._descend(v0, vk)
         return recon_error
 
-    def _p_h(self, v: torch.Tensor, slot: int, out: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """p(h|v) into `out` for binary v, and whether it was summed from rows (v sparse enough).
+    def _targets(self) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], float, float]:
+        """Where the update rule sums each parameter's step, and by what each target is scaled first.
 
-        The sums of rows keep where v's ones are in `slot` (0: the data, 1: the chain) for the
-        weight update.
-        """
-        rbm, binary = self.rbm, self._work.binary
-        if binary is not None and binary.locate(slot, v):
-            return binary.times(slot, rbm.W, rbm.b, out=out).sigmoid_(), True
-        return _conditional(rbm.b, v, rbm.W, out=out), False
-
-    def _descend(self, v0: torch.Tensor, vk: torch.Tensor, sums_of_rows: bool) -> None:
-        """velocity <- m velocity + lr (g - wd theta);  theta += velocity, for theta = W, a, b.
-
+        velocity <- m velocity + lr (g - wd theta);  theta += velocity, for theta = W, a, b.
         The rule once, for every m: each parameter's step is summed into a target. With momentum
         the target is the velocity, scaled by m first and kept from step to step, then added to
-        the parameter. Without, the velocity is this step alone, so the target is the parameter
-        itself: no buffer, one pass over W fewer, and the decay folds into the scaling of the
-        target (theta <- (1 - lr wd) theta + lr g). With g summed over the N rows,
-        lr g = lr/N (v0' ph0 - vk' phk) for W: two dense products into the target, or, where v0
-        and vk were both sparse, one call of sums of rows (`BinaryProducts.outer`) that also
-        gives the biases' steps.
+        the parameter (`_apply_velocity`, which also subtracts lr wd W). Without, the velocity is
+        this step alone, so the target is the parameter itself: no buffer, one pass over W fewer,
+        and the decay folds into the scaling of the target (theta <- (1 - lr wd) theta + lr g,
+        W only). Returns ((W's, a's, b's target), W's scaling, the biases' scaling).
         """
-        rbm, s, n, work = self.rbm, self.settings, v0.shape[0], self._work
-        m, scale, decay = s.momentum, s.learning_rate / n, s.learning_rate * s.weight_decay
-        if m:
-            if self.velocity is None or not self.velocity.fits(rbm):
-                self.velocity = _Velocity.zeros_like(rbm)
-            vel = self.velocity
-            W_to, a_to, b_to = vel.W, vel.a, vel.b
-            a_to.mul_(m)
-            b_to.mul_(m)
-        else:
-            W_to, a_to, b_to = rbm.W, rbm.a, rbm.b
-        beta = m if m else 1.0 - decay
-        if sums_of_rows:
-            step = work.binary.outer(work.ph, scale)  # [V + 1, H]: W's step, then b's
-            if beta != 1.0:
-                W_to.mul_(beta)
-            W_to.add_(step[:-1])
-            a_to.add_(work.binary.visible_step)
-            b_to.add_(step[-1])
-        else:
-            ph0, phk = work.ph0, work.phk
-            W_to.addmm_(v0.T, ph0, beta=beta, alpha=scale).addmm_(vk.T, phk, alpha=-scale)
-            # the bias steps from column sums of each side, half the cost of (v0 - vk).sum
-            a_to.add_(v0.sum(dim=0), alpha=scale).add_(vk.sum(dim=0), alpha=-scale)
-            b_to.add_(ph0.sum(dim=0), alpha=scale).add_(phk.sum(dim=0), alpha=-scale)
-        if m and decay:
-            W_to.add_(rbm.W, alpha=-decay)
-        if m:
-            rbm.W.add_(vel.W)
-            rbm.a.add_(vel.a)
-            rbm.b.add_(vel.b)
+        rbm, s = self.rbm, self.settings
+        m, decay = s.momentum, s.learning_rate * s.weight_decay
+        if not m:
+            return (rbm.W, rbm.a, rbm.b), 1.0 - decay, 1.0
+        if self.velocity is None or not self.velocity.fits(rbm):
+            self.velocity = _Velocity.zeros_like(rbm)
+        vel = self.velocity
+        return (vel.W, vel.a, vel.b), m, m
+
+    def _apply_velocity(self) -> None:
+        """With momentum, after the step is in the velocity: its decay term, then theta += velocity."""
+        rbm, s = self.rbm, self.settings
+        m, decay = s.momentum, s.learning_rate * s.weight_decay
+        if not m:
+            return
+        vel = self.velocity
+        if decay:
+            vel.W.add_(rbm.W, alpha=-decay)
+        rbm.W.add_(vel.W)
+        rbm.a.add_(vel.a)
+        rbm.b.add_(vel.b)
+
+    def _descend(self, v0: torch.Tensor, vk: torch.Tensor) -> None:
+        """The update rule (`_targets`) with torch's products: lr g = lr/N (v0' ph0 - vk' phk) for W,
+        two dense products into the target; the biases' steps from column sums of each side."""
+        work, n = self._work, v0.shape[0]
+        scale = self.settings.learning_rate / n
+        (W_to, a_to, b_to), beta, bias_beta = self._targets()
+        ph0, phk = work.ph0, work.phk
+        if bias_beta != 1.0:
+            a_to.mul_(bias_beta)
+            b_to.mul_(bias_beta)
+        W_to.addmm_(v0.T, ph0, beta=beta, alpha=scale).addmm_(vk.T, phk, alpha=-scale)
+        # the bias steps from column sums of each side, half the cost of (v0 - vk).sum
+        a_to.add_(v0.sum(dim=0), alpha=scale).add_(vk.sum(dim=0), alpha=-scale)
+        b_to.add_(ph0.sum(dim=0), alpha=scale).add_(phk.sum(dim=0), alpha=-scale)
+        self._apply_velocity()
+
+    def _set_step_threads(self, count: int) -> None:
+        self._compiled.threads = count
 
     def epoch(self, data: torch.Tensor | Binarizer, encode: Encoder | None = None) -> dict[str, float]:
         """One pass over grey-valued `data` in shuffled, freshly binarised minibatches.
@@ -237,10 +263,16 @@ class CDTrainer:
         elif self._data is None or self._data.grey is not data:
             self._data = Binarizer(data)
         errors = []  # 0-dim tensors, summed once at the end: no per-step host sync (CUDA)
-        with self.threads.running(enabled=self.rbm.W.device.type == "cpu") as threads:
+        # the compiled step runs its parts on the count chosen, torch's operations on one thread:
+        # a second thread pool waking for them would contend with the step's own threads
+        compiled = self._compiled_step_serves()
+        apply = self._set_step_threads if compiled else None
+        with self.threads.running(enabled=self.rbm.W.device.type == "cpu", apply=apply) as threads:
             for v0 in self._data.minibatches(self.settings.batch_size, self.generator):
                 errors.append(self.update(v0 if encode is None else encode(v0)))
                 threads.step()
+        if compiled:
+            self._compiled.threads = 1  # steps outside an epoch (up-down's top RBM) run on the caller's thread
         batches = len(errors)
         total = float(torch.stack(errors).sum()) if errors else 0.0
         if not torch.isfinite(self.rbm.W).all():

@@ -194,7 +194,8 @@ def preflight(study: StudyConfig, address: str | None) -> None:
     """On a local Ray, refuse before anything is stored or run a study whose trials could never
     start or would all fail: MNIST missing where the driver looks (the trials look there too), or a
     trial asking for more CPUs or GPUs than the machine has (Tune would wait for them forever).
-    A cluster's workers, data and autoscaler cannot be judged from here."""
+    A cluster's workers, data and autoscaler cannot be judged from here. Trials on the CPU find
+    the compiled CD step built (here, once, in view, rather than by the first trials at once)."""
     if cluster_address(address) is not None:
         return
     from rbm_study.core.data import ensure_downloaded, resolve_root
@@ -217,6 +218,10 @@ def preflight(study: StudyConfig, address: str | None) -> None:
                 f"GPUs, so no trial could start; launch with --set resources.gpus_per_trial=0, or run "
                 f"on a Ray cluster with GPUs with --address"
             )
+    else:
+        from rbm_study.core import cpu_cd
+
+        cpu_cd.extension()
 
 
 def launch(db: Target, study: StudyConfig, name: str, address: str | None, progress: bool = True) -> int:

@@ -20,7 +20,7 @@ LAYERS: dict[str, tuple[set[str], set[str]]] = {
     "models": ({"core.models"}, {"base"}),
     "sampling": ({"core.sampling"}, {"base", "models"}),
     "data": ({"core.data"}, {"base", "models", "sampling"}),
-    "training": ({"core.binary", "core.train", "core.greedy", "core.finetune"}, {"base", "models", "sampling", "data"}),
+    "training": ({"core.cpu_cd", "core.train", "core.greedy", "core.finetune"}, {"base", "models", "sampling", "data"}),
     "evaluation": ({"core.evaluate"}, {"base", "models", "sampling"}),
     "lab": (
         {"core.labfiles", "core.config", "core.metrics", "core.pipeline", "core.commands"},

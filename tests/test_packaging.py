@@ -28,7 +28,7 @@ def test_the_wheel_holds_one_package_and_the_configs(tmp_path: Path):
     for expected in ("rbm_study/__init__.py", "rbm_study/cli.py", "rbm_study/core/models.py",
                      "rbm_study/core/evaluate.py", "rbm_study/study/storage.py", "rbm_study/study/migrations.py",
                      "rbm_study/analysis/report.py", "rbm_study/configs/quick.yaml", "rbm_study/configs/lab.yaml",
-                     "rbm_study/configs/k_comparison.yaml"):
+                     "rbm_study/configs/k_comparison.yaml", "rbm_study/core/cpu_cd.cpp"):
         assert expected in names, expected
     assert not [n for n in names if "/tests/" in n or n.startswith("tests/")]  # the benchmark stays out too
 

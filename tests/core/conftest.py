@@ -7,6 +7,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from rbm_study.core import cpu_cd
+from rbm_study.core.sampling import FastBernoulli
+from rbm_study.core.train import CDTrainer
+
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
@@ -29,3 +33,22 @@ class Threshold:
 
     def with_squared_error(self, p: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self(p), ((p - v) ** 2).sum()
+
+
+def deterministic(trainer: CDTrainer) -> CDTrainer:
+    """The trainer with both its samplers (torch's path's and the compiled step's) replaced by 1
+    where p > 0.5, so that its arithmetic can be checked."""
+    trainer._sample = Threshold(trainer.generator)
+    trainer._compiled = cpu_cd.CPUStep(trainer.generator, threshold=True)
+    return trainer
+
+
+@pytest.fixture(params=["compiled step", "torch's operations"])
+def step_path(request, monkeypatch) -> str:
+    """Runs a test on each way a CPU trainer takes its steps: the compiled step (core.cpu_cd) and
+    torch's operations (as on a GPU, or without a compiler)."""
+    compiled = request.param == "compiled step"
+    if compiled and cpu_cd.extension() is None:
+        pytest.fail("the compiled CD step could not be built here (is a C++ compiler installed?)")
+    monkeypatch.setattr(FastBernoulli, "compiled", compiled)
+    return request.param

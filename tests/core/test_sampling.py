@@ -7,7 +7,7 @@ from rbm_study.core.data import Binarizer, minibatches
 from rbm_study.core.models import RBM
 from rbm_study.core.sampling import FastBernoulli, bernoulli
 from rbm_study.core.train import CDSettings, CDTrainer, train_rbm
-from tests.core.conftest import Threshold
+from tests.core.conftest import deterministic
 
 PROBABILITIES = [0.0, 0.001, 0.3, 0.5, 0.999, 1.0]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -205,7 +205,7 @@ def test_trainer_keeps_the_binarizer_of_the_same_data_and_makes_a_new_one_for_ot
 
 
 @pytest.mark.parametrize(("k", "persistent"), [(1, False), (3, False), (2, True)])
-def test_cd_step_with_deterministic_sampling_matches_the_formulas(k: int, persistent: bool):
+def test_cd_step_with_deterministic_sampling_matches_the_formulas(k: int, persistent: bool, step_path: str):
     g = torch.Generator().manual_seed(0)
     rbm = RBM(torch.randn(12, 5, generator=g), torch.randn(12, generator=g), torch.randn(5, generator=g))
     v0 = (torch.rand(8, 12, generator=g) < 0.5).float()
@@ -226,8 +226,7 @@ def test_cd_step_with_deterministic_sampling_matches_the_formulas(k: int, persis
     b = rbm.b + lr * (ph0 - phk).mean(0)
 
     # the trainer's sampler swapped for a deterministic one
-    trainer = CDTrainer(rbm.clone(), CDSettings(cd_k=k, persistent=persistent, learning_rate=lr), g)
-    trainer._sample = Threshold(g)
+    trainer = deterministic(CDTrainer(rbm.clone(), CDSettings(cd_k=k, persistent=persistent, learning_rate=lr), g))
     trainer.chain = chain.clone() if persistent else None
     error = trainer.step(v0)
     assert error == pytest.approx(recon.item(), rel=1e-5)
