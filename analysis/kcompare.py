@@ -199,10 +199,11 @@ def per_k(rows: pd.DataFrame, value: str = "est", lo: str = "lo", hi: str = "hi"
     for k, group in picked.groupby("k", sort=True):
         by_seed = group.groupby("seed")[["_v", "_lo", "_hi"]].mean()
         ci_low, ci_high = t_interval(by_seed["_v"])
-        half = (ci_high - ci_low) / 2
         mean = float(by_seed["_v"].mean())
-        out[int(k)] = KStat(int(k), len(by_seed), len(group), mean, ci_low, ci_high,
-                            float(by_seed["_lo"].mean() - half), float(by_seed["_hi"].mean() + half))
+        # the seeds' interval moved out by the estimators' own reach below and above the estimate:
+        # added to the ends themselves, so that no reach leaves an end where it was, to the last bit
+        below, above = mean - float(by_seed["_lo"].mean()), float(by_seed["_hi"].mean()) - mean
+        out[int(k)] = KStat(int(k), len(by_seed), len(group), mean, ci_low, ci_high, ci_low - below, ci_high + above)
     return out
 
 

@@ -21,13 +21,14 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <vector>
 
@@ -134,12 +135,12 @@ struct Ones {  // where the ones of a binary [rows, width] matrix are, row by ro
   std::vector<int32_t> starts;
 };
 
-// Lists the ones of x [rows, width] (rows ld floats apart); false where an entry is neither 0 nor 1 (nothing to sum).
-// Sixteen entries at a time where the CPU has AVX-512: a comparison gives the mask of the ones, and
-// their column numbers are packed to the front of a register (in-register compress: the form that
-// stores straight to memory is slow on some CPUs) and written whole, the position moving on by the
-// count. Elsewhere one entry at a time, without a branch: the column is written unconditionally and
-// the position moves on only past a one.
+// Lists the ones of x [rows, width] (rows ld floats apart); false where an entry is neither 0 nor 1
+// (nothing to sum then). Sixteen entries at a time where the CPU has AVX-512: a comparison gives
+// the mask of the ones, and their column numbers are packed to the front of a register (in-register
+// compress: the form that stores straight to memory is slow on some CPUs) and written whole, the
+// position moving on by the count. Elsewhere one entry at a time, without a branch: the column is
+// written unconditionally and the position moves on only past a one.
 bool list_ones(const float* __restrict__ x, int64_t rows, int64_t width, int64_t ld, Ones& ones) {
   ones.index.resize(static_cast<size_t>(rows * width + VEC));  // room for a last whole register
   ones.starts.resize(static_cast<size_t>(rows + 1));
@@ -235,9 +236,9 @@ void sum_rows(const float* __restrict__ M, int64_t ld, int64_t span, const Rows*
 }
 
 // out[r, 0:width) = sigmoid(bias + the sum of the rows of M that row r's ones pick), for the rows
-// of `ones` (out's rows out_ld apart); M [*, ld] with ld = padded(width). Column block by column block, all rows for each:
-// the block of M's columns is then read from the fastest cache, row after row (W' is 313 KB for
-// 784-100, more than that cache, but a block of 64 of its columns is 26 KB).
+// of `ones` (out's rows out_ld apart); M [*, ld] with ld = padded(width). Column block by column
+// block, all rows for each: the block of M's columns is then read from the fastest cache, row after
+// row (W' is 313 KB for 784-100, more than that cache, but a block of 64 of its columns is 26 KB).
 template <int64_t WIDTH>
 void conditional_block(const Ones& ones, int64_t rows, const float* __restrict__ M, int64_t k0, int64_t width,
                        const float* __restrict__ bias, float* __restrict__ out, int64_t out_ld) {
@@ -375,9 +376,17 @@ class Team {
   int64_t phases_ = 0;
 };
 
-Team& team() {
+Team*& shared_team() {
   static Team* shared = new Team();  // never destroyed: its workers are detached
-  return *shared;
+  return shared;
+}
+
+// The process's team. A child made by fork() has none of its parent's worker threads, so it starts
+// with a team of its own (the parent's is left behind, as it was).
+Team& team() {
+  static std::once_flag registered;
+  std::call_once(registered, [] { pthread_atfork(nullptr, nullptr, [] { shared_team() = new Team(); }); });
+  return *shared_team();
 }
 
 int64_t first_of(int64_t part, int64_t size) { return size * part / PARTS; }
@@ -388,7 +397,9 @@ int64_t first_of(int64_t part, int64_t size) { return size * part / PARTS; }
 struct Workspace {
   int64_t N = -1, V = -1, H = -1;
   at::Tensor Wp, WTp, ph, h, pv;  // torch's CPU allocator aligns them to 64 bytes, as padded rows need
-  std::vector<Ones> data_ones{PARTS}, chain_ones{PARTS}, hidden_ones{PARTS}, data_cols{PARTS}, chain_cols{PARTS};
+  std::vector<Ones> data_ones = std::vector<Ones>(PARTS), chain_ones = std::vector<Ones>(PARTS);
+  std::vector<Ones> hidden_ones = std::vector<Ones>(PARTS);
+  std::vector<Ones> data_cols = std::vector<Ones>(PARTS), chain_cols = std::vector<Ones>(PARTS);  // by column
 
   void fit(int64_t n, int64_t v, int64_t h_) {
     if (n == N && v == V && h_ == H) return;

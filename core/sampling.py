@@ -67,9 +67,9 @@ class FastBernoulli:
 
     compiled: ClassVar[bool] = True
     """Whether samplers made from now on draw CPU samples with the compiled loop, and CD steps on the
-    CPU sum rows for their sparse products (`core.binary`). Off, samplers take the other devices'
-    path (words from `generator`, torch's comparison) and CD steps dense products: what
-    `tests/bench.py` times the compiled code against."""
+    CPU are the compiled step (`core.cpu_cd`). Off, samplers take the other devices' path (words
+    from `generator`, torch's comparison) and CD steps torch's operations: what `tests/bench.py`
+    times the compiled code against."""
 
     def __init__(self, generator: torch.Generator, block: int = 1 << 18):
         self.generator = generator

@@ -141,6 +141,7 @@ class CDTrainer:
         return self._torch_update(v0)
 
     def _compiled_step_serves(self) -> bool:
+        """Whether the compiled step can take this trainer's steps (its state made at the first)."""
         if not (FastBernoulli.compiled and cpu_cd.fits(self.rbm.W)):
             return False
         if self._compiled is None or self._compiled.generator is not self.generator:

@@ -118,3 +118,29 @@ def test_bad_tensors_are_refused_by_name(extension):
         sampler(torch.zeros(3, 20, dtype=torch.float64), rbm.W, rbm.a, rbm.b, (rbm.W, rbm.a, rbm.b), 1, None, 1, 1, 1)
     with pytest.raises(RuntimeError, match=r"v0 must be \[N, 20\]"):
         sampler(torch.zeros(3, 21), rbm.W, rbm.a, rbm.b, (rbm.W, rbm.a, rbm.b), 1, None, 1, 1, 1)
+
+
+def _two_thread_step(queue) -> None:
+    g = torch.Generator().manual_seed(0)
+    rbm = RBM.init(50, 10, g)
+    sampler = cpu_cd.CPUStep(g)
+    sampler.threads = 2
+    v0 = (torch.rand(20, 50, generator=g) < 0.2).float()
+    vk, _ = sampler(v0, rbm.W, rbm.a, rbm.b, (rbm.W, rbm.a, rbm.b), 1, None, 1.0, 1.0, 0.01)
+    queue.put(vk.shape[0])
+
+
+def test_a_forked_child_steps_on_two_threads_of_its_own(extension):
+    """fork() copies none of the parent's worker threads: the child's step must not wait for them."""
+    import multiprocessing
+
+    queue = multiprocessing.get_context("fork").Queue()
+    _two_thread_step(queue)  # the parent's team is started
+    assert queue.get(timeout=30) == 20
+    child = multiprocessing.get_context("fork").Process(target=_two_thread_step, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child's two-thread step never finished")
+    assert child.exitcode == 0 and queue.get(timeout=5) == 20
