@@ -282,6 +282,7 @@ class Team {
       return;
     }
     start_workers();
+    resting_.store(false, std::memory_order_relaxed);
     job_ = &job;
     proceed_ = &proceed;
     phases_ = phases;
@@ -291,6 +292,10 @@ class Team {
     phases_of(0);
     for (auto& w : workers_) wait_until([&] { return w->done.load(std::memory_order_acquire); });
   }
+
+  // The steps to come run on one thread (or none come): the workers sleep now rather than spin, so
+  // that a worker that shares a core with the caller does not slow it down.
+  void rest() { resting_.store(true, std::memory_order_relaxed); }
 
  private:
   struct Worker {
@@ -354,7 +359,8 @@ class Team {
       const auto idle_since = std::chrono::steady_clock::now();
       for (int spin = 1; generation_.load(std::memory_order_acquire) == seen; ++spin) {
         pause();
-        if (spin % 256 == 0 && std::chrono::steady_clock::now() - idle_since > IDLE_SPIN) {
+        if (resting_.load(std::memory_order_relaxed) ||
+            (spin % 256 == 0 && std::chrono::steady_clock::now() - idle_since > IDLE_SPIN)) {
           generation_.wait(seen, std::memory_order_acquire);
         }
       }
@@ -369,6 +375,7 @@ class Team {
   std::mutex busy_;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> resting_{false};
   std::atomic<int64_t> arrived_{0};
   std::atomic<uint64_t> barrier_generation_{0};
   const Job* job_ = nullptr;
@@ -607,6 +614,7 @@ at::Tensor bernoulli_samples(const at::Tensor& p, const at::Tensor& lanes) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bernoulli", &bernoulli_samples, "The step's sampler alone (tests)");
+  m.def("rest", [] { team().rest(); }, "The steps to come run on one thread: the worker threads sleep now");
   m.def("cd_step", &cd_step, "One CD-k / PCD-k step with binary visible states (see cpu_cd.cpp)");
   m.attr("PARTS") = PARTS;
 }

@@ -124,9 +124,20 @@ class CPUStep:
     def __init__(self, generator: torch.Generator, threshold: bool = False):
         self.generator = generator
         self.threshold = threshold
-        self.threads = 1  # how many threads run the parts (the trainer's AdaptiveThreads sets it)
+        self._threads = 1
         children = np.random.SeedSequence(int(torch.randint(2**62, (), generator=generator))).spawn(PARTS)
         self.lanes = torch.from_numpy(np.stack([kernels.sfc64_lanes(child) for child in children]))
+
+    @property
+    def threads(self) -> int:
+        """How many threads run the parts (the trainer's AdaptiveThreads sets it)."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, count: int) -> None:
+        if count < 2 <= self._threads:  # the worker sleeps at once rather than spin for the next step
+            extension().rest()
+        self._threads = count
 
     def __call__(
         self,
