@@ -164,9 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_name(args: argparse.Namespace) -> None:
+    """`--name ''` names no study: refused, rather than read as if --name were left out."""
+    name = getattr(args, "name", None)
+    if name is not None and not name.strip():
+        raise UserError(f"--name {name!r} names no study; give the study's name, or leave --name out")
+
+
 def main(argv: list[str] | None = None) -> int:
     args: Any = build_parser().parse_args(argv)
     try:
+        _check_name(args)
         return int(args.func(args) or 0)
     except UserError as err:
         print(f"rbm-study {args.command}: {err}", file=sys.stderr)

@@ -88,6 +88,18 @@ def test_resume_of_an_unknown_name_lists_the_names(tmp_path, capsys):
     assert code == 2 and "alpha, beta" in err
 
 
+@pytest.mark.parametrize("command", ["launch", "resume", "status", "report", "export"])
+def test_an_empty_name_is_refused_and_nothing_changes(tmp_path, capsys, command):
+    db = tmp_path / "study.db"
+    StudyStorage(db, create=True).create_study("tiny", {}, 1, "final.val.log_likelihood", "max", "test")
+    before = db.read_bytes()
+    argv = {"launch": [str(write_config(tmp_path))], "report": ["--out", str(tmp_path / "r")],
+            "export": ["--trial", "0", "--out", str(tmp_path / "e")]}.get(command, [])
+    code, err = run(capsys, command, *argv, "--db", str(db), "--name", " ")
+    assert code == 2 and "--name ' ' names no study" in err and len(err.strip().splitlines()) == 1
+    assert db.read_bytes() == before and not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
+
+
 def test_foreign_database_is_refused_and_unchanged(tmp_path, capsys):
     db = tmp_path / "other.db"
     con = sqlite3.connect(db)
