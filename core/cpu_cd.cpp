@@ -26,10 +26,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <pthread.h>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -265,7 +267,10 @@ void conditional(const Ones& ones, int64_t rows, const float* __restrict__ M, in
 // PARTS-way teams: the calling thread runs part 0, one worker thread each of the others
 
 // A job in phases: job(part, phase) for every part of a phase before any part of the next, and
-// after each phase `proceed()` says whether to go on.
+// after each phase `proceed()` says whether to go on. A part that throws (std::bad_alloc from a
+// list's resize) stops the job after that phase, and `run` rethrows it on the calling thread: an
+// exception must not leave a worker's thread (that terminates the process) nor leave `run` while
+// a worker still uses the job's buffers.
 using Job = std::function<void(int64_t part, int64_t phase)>;
 using Proceed = std::function<bool()>;
 
@@ -286,11 +291,14 @@ class Team {
     job_ = &job;
     proceed_ = &proceed;
     phases_ = phases;
+    failure_ = nullptr;
+    failed_.store(false, std::memory_order_relaxed);
     for (auto& w : workers_) w->done.store(false, std::memory_order_relaxed);
     generation_.fetch_add(1, std::memory_order_release);
     generation_.notify_all();
     phases_of(0);
     for (auto& w : workers_) wait_until([&] { return w->done.load(std::memory_order_acquire); });
+    if (failure_) std::rethrow_exception(std::exchange(failure_, nullptr));
   }
 
   // The steps to come run on one thread (or none come): the workers sleep now rather than spin, so
@@ -323,9 +331,15 @@ class Team {
 
   void phases_of(int64_t part) {
     for (int64_t phase = 0; phase < phases_; ++phase) {
-      (*job_)(part, phase);
-      barrier();
-      if (!(*proceed_)()) return;
+      try {
+        (*job_)(part, phase);
+      } catch (...) {  // kept for `run` to rethrow; every part still meets at the barrier
+        std::lock_guard<std::mutex> first(failure_lock_);
+        if (!failure_) failure_ = std::current_exception();
+        failed_.store(true, std::memory_order_relaxed);
+      }
+      barrier();  // orders the failure's store before every part's look at it
+      if (failed_.load(std::memory_order_relaxed) || !(*proceed_)()) return;
     }
   }
 
@@ -381,6 +395,9 @@ class Team {
   const Job* job_ = nullptr;
   const Proceed* proceed_ = nullptr;
   int64_t phases_ = 0;
+  std::mutex failure_lock_;
+  std::exception_ptr failure_;  // the first part's exception of this run
+  std::atomic<bool> failed_{false};
 };
 
 Team*& shared_team() {
@@ -612,8 +629,33 @@ at::Tensor bernoulli_samples(const at::Tensor& p, const at::Tensor& lanes) {
   return out;
 }
 
+// The team on its own, for the tests: a job of `phases` phases on `threads` threads whose part
+// `failing` throws std::bad_alloc in phase `failing_phase`. Returns the (part, phase) pairs that
+// ran, in phase order, or raises the part's MemoryError.
+std::vector<std::pair<int64_t, int64_t>> team_trial(int64_t threads, int64_t phases, int64_t failing,
+                                                    int64_t failing_phase) {
+  std::vector<std::vector<int64_t>> ran(PARTS);  // each part writes only its own list
+  const Job job = [&](int64_t part, int64_t phase) {
+    if (part == failing && phase == failing_phase) throw std::bad_alloc();
+    ran[part].push_back(phase);
+  };
+  const Proceed always = [] { return true; };
+  {
+    pybind11::gil_scoped_release no_gil;
+    team().run(threads, phases, job, always);
+  }
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t phase = 0; phase < phases; ++phase) {
+    for (int64_t part = 0; part < PARTS; ++part) {
+      if (std::count(ran[part].begin(), ran[part].end(), phase)) pairs.emplace_back(part, phase);
+    }
+  }
+  return pairs;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bernoulli", &bernoulli_samples, "The step's sampler alone (tests)");
+  m.def("team_trial", &team_trial, "The team alone, with a part that throws (tests)");
   m.def("rest", [] { team().rest(); }, "The steps to come run on one thread: the worker threads sleep now");
   m.def("cd_step", &cd_step, "One CD-k / PCD-k step with binary visible states (see cpu_cd.cpp)");
   m.attr("PARTS") = PARTS;

@@ -144,3 +144,37 @@ def test_a_forked_child_steps_on_two_threads_of_its_own(extension):
         child.kill()
         pytest.fail("the forked child's two-thread step never finished")
     assert child.exitcode == 0 and queue.get(timeout=5) == 20
+
+
+def _failing_parts(queue) -> None:
+    """In a forked child: a part that throws on the caller's thread or on the worker's, on two threads."""
+    built = cpu_cd.extension()
+    outcomes = []
+    for failing in range(cpu_cd.PARTS):
+        try:
+            outcomes.append(built.team_trial(2, 3, failing, 1))
+        except MemoryError:
+            outcomes.append("MemoryError")
+    outcomes.append(built.team_trial(2, 3, -1, -1))  # and the team still runs a whole job after
+    queue.put(outcomes)
+
+
+def test_a_part_that_throws_raises_on_the_caller_and_stops_the_job(extension):
+    """An exception in a worker's part must not terminate the process (C++ does, where it leaves a
+    thread), nor one in the caller's part leave while the worker runs: the job stops after that
+    phase and the caller raises it. In a child, so that a process killed by it fails this test only."""
+    import multiprocessing
+
+    assert extension.team_trial(1, 3, -1, -1) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    with pytest.raises(MemoryError):  # one thread: the parts run in turn on the caller
+        extension.team_trial(1, 3, 1, 1)
+    queue = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(target=_failing_parts, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("a two-thread job with a failing part never finished")
+    assert child.exitcode == 0, f"the child died of a failing part (exit code {child.exitcode})"
+    every_phase = [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    assert queue.get(timeout=5) == ["MemoryError", "MemoryError", every_phase]
