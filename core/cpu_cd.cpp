@@ -292,7 +292,6 @@ class Team {
     proceed_ = &proceed;
     phases_ = phases;
     failure_ = nullptr;
-    failed_.store(false, std::memory_order_relaxed);
     for (auto& w : workers_) w->done.store(false, std::memory_order_relaxed);
     generation_.fetch_add(1, std::memory_order_release);
     generation_.notify_all();
@@ -336,22 +335,25 @@ class Team {
       } catch (...) {  // kept for `run` to rethrow; every part still meets at the barrier
         std::lock_guard<std::mutex> first(failure_lock_);
         if (!failure_) failure_ = std::current_exception();
-        failed_.store(true, std::memory_order_relaxed);
       }
-      barrier();  // orders the failure's store before every part's look at it
-      if (failed_.load(std::memory_order_relaxed) || !(*proceed_)()) return;
+      if (!barrier()) return;
     }
   }
 
-  // Waits until every part has finished the phase (a sense-reversing barrier).
-  void barrier() {
+  // Waits until every part has finished the phase (a sense-reversing barrier) and says whether the
+  // job goes on. The last part to arrive decides it for all, while every other part waits: a part
+  // that looked for itself after the barrier could see the next phase's failure already, leave
+  // early, and leave the others waiting at a barrier it never reaches.
+  bool barrier() {
     const uint64_t sense = barrier_generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == PARTS) {
       arrived_.store(0, std::memory_order_relaxed);
+      go_on_ = !failure_ && (*proceed_)();
       barrier_generation_.fetch_add(1, std::memory_order_release);
     } else {
       wait_until([&] { return barrier_generation_.load(std::memory_order_acquire) != sense; });
     }
+    return go_on_;  // the next barrier's decision needs every part there, this one's read included
   }
 
   void start_workers() {
@@ -395,9 +397,9 @@ class Team {
   const Job* job_ = nullptr;
   const Proceed* proceed_ = nullptr;
   int64_t phases_ = 0;
+  bool go_on_ = true;  // the last barrier's decision: written by its last part, read after it
   std::mutex failure_lock_;
   std::exception_ptr failure_;  // the first part's exception of this run
-  std::atomic<bool> failed_{false};
 };
 
 Team*& shared_team() {

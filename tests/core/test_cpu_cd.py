@@ -130,6 +130,21 @@ def _two_thread_step(queue) -> None:
     queue.put(vk.shape[0])
 
 
+def _in_forked_child(target, what: str):
+    """What `target(queue)` puts in the queue, run in a child made by fork(); fails if it hangs or dies."""
+    import multiprocessing
+
+    queue = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(target=target, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail(f"{what} never finished")
+    assert child.exitcode == 0, f"{what}: the child died (exit code {child.exitcode})"
+    return queue.get(timeout=5)
+
+
 def test_a_forked_child_steps_on_two_threads_of_its_own(extension):
     """fork() copies none of the parent's worker threads: the child's step must not wait for them."""
     import multiprocessing
@@ -137,13 +152,7 @@ def test_a_forked_child_steps_on_two_threads_of_its_own(extension):
     queue = multiprocessing.get_context("fork").Queue()
     _two_thread_step(queue)  # the parent's team is started
     assert queue.get(timeout=30) == 20
-    child = multiprocessing.get_context("fork").Process(target=_two_thread_step, args=(queue,))
-    child.start()
-    child.join(timeout=60)
-    if child.is_alive():
-        child.kill()
-        pytest.fail("the forked child's two-thread step never finished")
-    assert child.exitcode == 0 and queue.get(timeout=5) == 20
+    assert _in_forked_child(_two_thread_step, "the forked child's two-thread step") == 20
 
 
 def _failing_parts(queue) -> None:
@@ -163,18 +172,9 @@ def test_a_part_that_throws_raises_on_the_caller_and_stops_the_job(extension):
     """An exception in a worker's part must not terminate the process (C++ does, where it leaves a
     thread), nor one in the caller's part leave while the worker runs: the job stops after that
     phase and the caller raises it. In a child, so that a process killed by it fails this test only."""
-    import multiprocessing
-
     assert extension.team_trial(1, 3, -1, -1) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
     with pytest.raises(MemoryError):  # one thread: the parts run in turn on the caller
         extension.team_trial(1, 3, 1, 1)
-    queue = multiprocessing.get_context("fork").Queue()
-    child = multiprocessing.get_context("fork").Process(target=_failing_parts, args=(queue,))
-    child.start()
-    child.join(timeout=60)
-    if child.is_alive():
-        child.kill()
-        pytest.fail("a two-thread job with a failing part never finished")
-    assert child.exitcode == 0, f"the child died of a failing part (exit code {child.exitcode})"
+    outcomes = _in_forked_child(_failing_parts, "a two-thread job with a failing part")
     every_phase = [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
-    assert queue.get(timeout=5) == ["MemoryError", "MemoryError", every_phase]
+    assert outcomes == ["MemoryError", "MemoryError", every_phase]
