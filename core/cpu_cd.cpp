@@ -268,9 +268,9 @@ void conditional(const Ones& ones, int64_t rows, const float* __restrict__ M, in
 
 // A job in phases: job(part, phase) for every part of a phase before any part of the next, and
 // after each phase `proceed()` says whether to go on. A part that throws (std::bad_alloc from a
-// list's resize) stops the job after that phase, and `run` rethrows it on the calling thread: an
-// exception must not leave a worker's thread (that terminates the process) nor leave `run` while
-// a worker still uses the job's buffers.
+// list's resize) stops the job (on two threads after that phase), and `run` raises it on the
+// calling thread: an exception must not leave a worker's thread (that terminates the process) nor
+// leave `run` while a worker still uses the job's buffers.
 using Job = std::function<void(int64_t part, int64_t phase)>;
 using Proceed = std::function<bool()>;
 
